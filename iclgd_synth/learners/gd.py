@@ -1,0 +1,50 @@
+"""K-step gradient descent on the in-context loss L(W) = 1/(2N) sum_i ||W x_i - y_i||^2.
+
+W_{k+1} = W_k - eta_k grad L(W_k), grad L(W) = (1/N) sum_i (W x_i - y_i) x_i^T, from W0 (default 0); the prediction
+is W_K x_q. This is the learner that the hand-constructed LSA weights implement exactly (see constructions.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from iclgd_synth.learners._common import initial_weights, linear_readout, prepare, step_schedule
+from iclgd_synth.shapes import Array
+from iclgd_synth.tasks import TaskBatch
+
+
+def gd_weights(batch: TaskBatch, eta: Any, steps: int = 1, w0: Array | None = None) -> Array:
+    """The GD iterate W_K for each task, (B, d_out, d). ``eta``: scalar or (steps,) per-step step sizes."""
+    batch, y_BxNxO, _ = prepare(batch)
+    etas = step_schedule("eta", eta, steps, batch.x.dtype)
+    x_BxNxd, n = batch.x, batch.n_context
+
+    def step(w_BxOxd, eta_k):
+        resid_BxNxO = jnp.einsum("bod,bnd->bno", w_BxOxd, x_BxNxd) - y_BxNxO
+        grad_BxOxd = jnp.einsum("bno,bnd->bod", resid_BxNxO, x_BxNxd) / n
+        return w_BxOxd - eta_k * grad_BxOxd, None
+
+    w, _ = jax.lax.scan(step, initial_weights(batch, w0), etas)
+    return w
+
+
+def gd_predict(batch: TaskBatch, eta: Any, steps: int = 1, w0: Array | None = None) -> Array:
+    """Explicit GD's prediction W_K x_q, (B,) (or (B, d_out)), from W0 = ``w0`` (default 0)."""
+    batch, _, _ = prepare(batch)
+    return linear_readout(gd_weights(batch, eta, steps, w0), batch.x_query, batch.vector_output)
+
+
+@flax.struct.dataclass
+class GD:
+    """K-step GD as a predictor: ``GD(eta=6.0, steps=1)(batch)``."""
+
+    eta: Any = 1.0
+    steps: int = flax.struct.field(pytree_node=False, default=1)
+    w0: Any = None
+
+    def __call__(self, batch: TaskBatch) -> Array:
+        return gd_predict(batch, self.eta, self.steps, self.w0)

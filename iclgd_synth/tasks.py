@@ -1,0 +1,296 @@
+"""Synthetic linear-regression tasks for in-context learning.
+
+A task is a weight vector ``w`` and ``N`` context pairs ``(x_i, y_i = w . x_i + noise)`` plus one query pair.
+Sampling is a pure function of a PRNG key and a hashable :class:`TaskConfig`, jit-compiled with the config static,
+so ``sample(jax.random.fold_in(key, step), config, batch_size)`` gives the same tasks on every run and backend.
+
+The reference paper ("Transformers learn in-context by gradient descent") samples ``x ~ U(-0.5, 0.5)^d`` in its
+released code although its text says ``U(-1, 1)``; both are available through ``x_range`` (the half-width ``a`` of
+``U(-a, a)``), and the ``vonoswald`` preset uses ``a = 0.5``, which is the one that matches the paper's numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iclgd_synth.shapes import Array, PRNGKey
+from iclgd_synth.validation import check_choice, check_float, check_int, check_shape
+
+X_DISTRIBUTIONS = ("uniform", "normal", "anisotropic", "laplace", "exponential")
+
+
+@flax.struct.dataclass
+class TaskBatch:
+    """A batch of regression tasks. All fields are arrays (NumPy or JAX, float32 or float64).
+
+    Attributes:
+      x: context inputs, (B, N, d).
+      y: context labels, (B, N), or (B, N, d_out) for vector outputs.
+      x_query: query inputs, (B, d).
+      y_query: query labels, (B,), or (B, d_out).
+      w: the task weights, (B, d) or (B, d_out, d); ``None`` when unknown.
+    """
+
+    x: Array
+    y: Array
+    x_query: Array
+    y_query: Array
+    w: Array | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(np.shape(self.x)[0])
+
+    @property
+    def n_context(self) -> int:
+        return int(np.shape(self.x)[1])
+
+    @property
+    def dim(self) -> int:
+        return int(np.shape(self.x)[2])
+
+    @property
+    def out_dim(self) -> int:
+        return 1 if np.ndim(self.y) == 2 else int(np.shape(self.y)[2])
+
+    @property
+    def vector_output(self) -> bool:
+        """True for (B, N, d_out) labels; predictions then have shape (B, d_out) rather than (B,)."""
+        return np.ndim(self.y) == 3
+
+    def validated(self) -> "TaskBatch":
+        """Check shapes (clear errors naming the field) and return a copy with JAX arrays of one float dtype."""
+        return validate_batch(self)
+
+    def labels_BxNxO(self) -> Array:
+        """Context labels with an explicit output axis, (B, N, d_out)."""
+        return self.y if self.vector_output else self.y[..., None]
+
+    def query_labels_BxO(self) -> Array:
+        return self.y_query if self.vector_output else self.y_query[..., None]
+
+    def with_context_order(self, perm: Array) -> "TaskBatch":
+        """The same tasks with the demonstrations reordered: ``perm`` is (N,) or (B, N) indices."""
+        perm = jnp.asarray(perm)
+        if perm.ndim == 1:
+            return self.replace(x=self.x[:, perm], y=self.y[:, perm])
+        take = jax.vmap(lambda a, p: a[p])
+        return self.replace(x=take(self.x, perm), y=take(self.y, perm))
+
+    def slice(self, start: int, stop: int) -> "TaskBatch":
+        """Tasks ``start:stop`` of the batch."""
+        return jax.tree.map(lambda a: a[start:stop], self)
+
+
+def validate_batch(batch: TaskBatch) -> TaskBatch:
+    """Shape-check a batch and convert it to JAX arrays of a common float dtype."""
+    if not isinstance(batch, TaskBatch):
+        raise TypeError(f"batch must be an iclgd_synth.TaskBatch, got {type(batch).__name__}")
+    if np.ndim(batch.x) != 3:
+        raise ValueError(f"batch.x must have shape (B, N, d), got {np.shape(batch.x)}")
+    b, n, d = np.shape(batch.x)
+    if b < 1 or n < 1 or d < 1:
+        raise ValueError(f"batch.x must have B, N, d >= 1, got shape {(b, n, d)}")
+    if np.ndim(batch.y) == 2:
+        check_shape("batch.y", batch.y, (b, n), "(B, N)")
+        check_shape("batch.y_query", batch.y_query, (b,), "(B,)")
+        w_shape: tuple[int, ...] = (b, d)
+    elif np.ndim(batch.y) == 3:
+        o = np.shape(batch.y)[2]
+        check_shape("batch.y", batch.y, (b, n, o), "(B, N, d_out)")
+        check_shape("batch.y_query", batch.y_query, (b, o), "(B, d_out)")
+        w_shape = (b, o, d)
+    else:
+        raise ValueError(f"batch.y must have shape (B, N) or (B, N, d_out), got {np.shape(batch.y)}")
+    check_shape("batch.x_query", batch.x_query, (b, d), "(B, d)")
+    if batch.w is not None:
+        check_shape("batch.w", batch.w, w_shape, "(B, d)" if len(w_shape) == 2 else "(B, d_out, d)")
+    leaves = [batch.x, batch.y, batch.x_query, batch.y_query] + ([] if batch.w is None else [batch.w])
+    dtype = jnp.result_type(*[jnp.asarray(a).dtype for a in leaves], jnp.float32)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.float32
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype), batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """How tasks are drawn. Hashable, so it can be a static argument of jitted functions.
+
+    Attributes:
+      dim: input dimension d (>= 1). Default 10.
+      n_context: context pairs N per task (>= 1). Default 10.
+      out_dim: output dimension d_out (>= 1); 1 gives (B, N) labels, more gives (B, N, d_out). Default 1.
+      x_dist: input law: "uniform" U(-a, a)^d, "normal" N(0, I), "anisotropic" N(0, Sigma), "laplace" (unit scale),
+        "exponential" (rate 1). Default "uniform".
+      x_range: half-width a of the uniform law (unitless). Default 0.5 (the reference code's U(-0.5, 0.5)).
+      x_cov: covariance Sigma for "anisotropic", a d x d symmetric positive-definite matrix (nested tuples or array).
+        Default None: built from ``condition_number``.
+      condition_number: ratio of largest to smallest eigenvalue of Sigma when ``x_cov`` is None; eigenvalues are
+        log-spaced with mean 1 and the eigenbasis is a random rotation drawn from ``cov_seed``. Default 10.
+      cov_seed: seed of that rotation. Default 0.
+      w_scale: tau, the standard deviation of each entry of w ~ N(0, tau^2 I). Default 1.
+      noise: sigma, the standard deviation of Gaussian label noise (context and query). Default 0.
+      x_scale: multiplies every input after sampling (out-of-distribution tests). Default 1.
+      pool_size: M, the number of tasks in a finite pool (tasks drawn uniformly from it), or None for fresh tasks.
+      pool_seed: seed of the pool, independent of the sampling key. Default 0.
+      label_corruption: fraction of context labels replaced by labels of an independent task (same marginal law).
+    """
+
+    dim: int = 10
+    n_context: int = 10
+    out_dim: int = 1
+    x_dist: str = "uniform"
+    x_range: float = 0.5
+    x_cov: Any = None
+    condition_number: float = 10.0
+    cov_seed: int = 0
+    w_scale: float = 1.0
+    noise: float = 0.0
+    x_scale: float = 1.0
+    pool_size: int | None = None
+    pool_seed: int = 0
+    label_corruption: float = 0.0
+
+    def __post_init__(self):
+        check_int("dim", self.dim, min_value=1)
+        check_int("n_context", self.n_context, min_value=1)
+        check_int("out_dim", self.out_dim, min_value=1)
+        check_choice("x_dist", self.x_dist, X_DISTRIBUTIONS)
+        check_float("x_range", self.x_range, min_value=0.0, strict_min=True)
+        check_float("condition_number", self.condition_number, min_value=1.0)
+        check_int("cov_seed", self.cov_seed, min_value=0)
+        check_float("w_scale", self.w_scale, min_value=0.0)
+        check_float("noise", self.noise, min_value=0.0)
+        check_float("x_scale", self.x_scale, min_value=0.0)
+        if self.pool_size is not None:
+            check_int("pool_size", self.pool_size, min_value=1)
+        check_int("pool_seed", self.pool_seed, min_value=0)
+        check_float("label_corruption", self.label_corruption, min_value=0.0, max_value=1.0)
+        if self.x_cov is not None:
+            cov = np.asarray(self.x_cov, dtype=np.float64)
+            check_shape("x_cov", cov, (self.dim, self.dim), "(d, d)")
+            if not np.allclose(cov, cov.T) or np.linalg.eigvalsh(cov).min() <= 0:
+                raise ValueError("x_cov must be a symmetric positive-definite (d, d) matrix")
+            # Stored as nested tuples so the config stays hashable (a static jit argument).
+            object.__setattr__(self, "x_cov", tuple(map(tuple, cov.tolist())))
+
+    def replace(self, **changes) -> "TaskConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+#: Named task presets. ``vonoswald``: d = N = 10, x ~ U(-0.5, 0.5), w ~ N(0, I), noiseless (the reference paper).
+#: ``raventos``: d = 8, K = 16 points, sigma^2 = 0.25, Gaussian inputs (the task-diversity paper).
+TASK_PRESETS: dict[str, TaskConfig] = {
+    "vonoswald": TaskConfig(dim=10, n_context=10, x_dist="uniform", x_range=0.5),
+    "vonoswald_paper_text": TaskConfig(dim=10, n_context=10, x_dist="uniform", x_range=1.0),
+    "raventos": TaskConfig(dim=8, n_context=16, x_dist="normal", noise=0.5),
+}
+
+
+def task_config(n_context: int, dim: int, **options) -> TaskConfig:
+    """Build a :class:`TaskConfig`; an unknown option raises TypeError listing the accepted ones."""
+    names = {f.name for f in dataclasses.fields(TaskConfig)} - {"dim", "n_context"}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise TypeError(f"unknown task option(s) {unknown}; accepted: {sorted(names)}")
+    return TaskConfig(dim=dim, n_context=n_context, **options)
+
+
+def sample_tasks(key: PRNGKey, batch_size: int, n_context: int, dim: int, **options) -> TaskBatch:
+    """Draw ``batch_size`` tasks with ``n_context`` demonstrations in dimension ``dim``.
+
+    ``options`` are the fields of :class:`TaskConfig` (x_dist, x_range, w_scale, noise, pool_size, ...), plus
+    ``dtype`` (default: JAX's default float, float64 when x64 is enabled). Jit-compiled; same key, same tasks.
+    """
+    dtype = options.pop("dtype", None)
+    config = task_config(n_context, dim, **options)
+    return sample(key, config, check_int("batch_size", batch_size, min_value=1), dtype=dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "batch_size", "dtype"))
+def sample(key: PRNGKey, config: TaskConfig, batch_size: int, dtype: Any = None) -> TaskBatch:
+    """Draw a :class:`TaskBatch` for ``config``; the jit-compiled core of :func:`sample_tasks`."""
+    dtype = jnp.dtype(dtype) if dtype is not None else jnp.zeros(()).dtype
+    b, n, d, o = batch_size, config.n_context, config.dim, config.out_dim
+    k_x, k_w, k_noise, k_corrupt = jax.random.split(key, 4)
+    # One flat draw reshaped is markedly faster on CPU than drawing shaped arrays.
+    x_all = _draw_inputs(k_x, config, b * (n + 1) * d, dtype).reshape(b, n + 1, d) * config.x_scale
+    w = _draw_weights(k_w, config, b, dtype)  # (B, O, d)
+    y_all = jnp.einsum("bod,bnd->bno", w, x_all)
+    if config.noise > 0:
+        y_all = y_all + config.noise * jax.random.normal(k_noise, y_all.shape, dtype)
+    if config.label_corruption > 0:
+        k_sel, k_w2 = jax.random.split(k_corrupt)
+        w_other = config.w_scale * jax.random.normal(k_w2, (b, o, d), dtype)
+        y_other = jnp.einsum("bod,bnd->bno", w_other, x_all[:, :n])
+        replace = jax.random.bernoulli(k_sel, config.label_corruption, (b, n, 1))
+        y_all = y_all.at[:, :n].set(jnp.where(replace, y_other, y_all[:, :n]))
+    if o == 1:
+        y_all, w = y_all[..., 0], w[:, 0]
+    return TaskBatch(x=x_all[:, :n], y=y_all[:, :n], x_query=x_all[:, n], y_query=y_all[:, n], w=w)
+
+
+def task_pool(config: TaskConfig, dtype: Any = None) -> Array:
+    """The finite pool of task weights, (M, d_out, d), drawn from ``config.pool_seed`` alone."""
+    if config.pool_size is None:
+        raise ValueError("task_pool needs a config with pool_size set (an integer >= 1)")
+    dtype = jnp.dtype(dtype) if dtype is not None else jnp.zeros(()).dtype
+    key = jax.random.PRNGKey(config.pool_seed)
+    shape = (config.pool_size, config.out_dim, config.dim)
+    return config.w_scale * jax.random.normal(key, shape, dtype)
+
+
+def input_covariance(config: TaskConfig, dtype: Any = None) -> Array:
+    """Covariance of one input vector under ``config`` (before ``x_scale``), (d, d)."""
+    dtype = jnp.dtype(dtype) if dtype is not None else jnp.zeros(()).dtype
+    d = config.dim
+    if config.x_dist == "uniform":
+        return jnp.eye(d, dtype=dtype) * (config.x_range**2 / 3.0)
+    if config.x_dist in ("normal", "exponential"):
+        return jnp.eye(d, dtype=dtype)
+    if config.x_dist == "laplace":
+        return jnp.eye(d, dtype=dtype) * 2.0
+    factor = _anisotropic_factor(config, dtype)
+    return factor @ factor.T
+
+
+def _anisotropic_factor(config: TaskConfig, dtype) -> Array:
+    d = config.dim
+    if config.x_cov is not None:
+        return jnp.linalg.cholesky(jnp.asarray(config.x_cov, dtype))
+    eig = jnp.logspace(0.0, -np.log10(config.condition_number), d, dtype=dtype)
+    eig = eig * d / eig.sum()
+    q, r = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(config.cov_seed), (d, d), dtype))
+    q = q * jnp.sign(jnp.diagonal(r))  # a Haar-distributed rotation
+    return q * jnp.sqrt(eig)
+
+
+def _draw_inputs(key: PRNGKey, config: TaskConfig, size: int, dtype) -> Array:
+    if config.x_dist == "uniform":
+        return jax.random.uniform(key, (size,), dtype, -config.x_range, config.x_range)
+    if config.x_dist == "normal":
+        return jax.random.normal(key, (size,), dtype)
+    if config.x_dist == "laplace":
+        return jax.random.laplace(key, (size,), dtype)
+    if config.x_dist == "exponential":
+        return jax.random.exponential(key, (size,), dtype)
+    z = jax.random.normal(key, (size // config.dim, config.dim), dtype)
+    return (z @ _anisotropic_factor(config, dtype).T).reshape(-1)
+
+
+def _draw_weights(key: PRNGKey, config: TaskConfig, batch_size: int, dtype) -> Array:
+    shape = (batch_size, config.out_dim, config.dim)
+    if config.pool_size is None:
+        return config.w_scale * jax.random.normal(key, shape, dtype)
+    pool = task_pool(config, dtype)
+    return pool[jax.random.randint(key, (batch_size,), 0, config.pool_size)]

@@ -1,0 +1,92 @@
+"""Argument checks that fail early with a message naming the parameter and the accepted range.
+
+Checks only run on concrete values: a traced value (inside jit or vmap) is passed through unchanged, since its value
+cannot be inspected; the public entry points check their arguments before tracing.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+
+
+def is_concrete(value: Any) -> bool:
+    """True when ``value`` holds data (not a tracer inside jit / vmap / grad)."""
+    return not isinstance(value, jax.core.Tracer)
+
+
+def check_int(name: str, value: Any, *, min_value: int | None = None, max_value: int | None = None) -> int:
+    """Return ``value`` as an int, or raise ValueError naming ``name`` and the accepted range."""
+    rng = _range_text(min_value, max_value)
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+        if isinstance(value, (float, np.floating)) and float(value).is_integer():
+            value = int(value)
+        else:
+            raise TypeError(f"{name} must be an integer{rng}, got {value!r} of type {type(value).__name__}")
+    value = int(value)
+    if (min_value is not None and value < min_value) or (max_value is not None and value > max_value):
+        raise ValueError(f"{name} must be an integer{rng}, got {value}")
+    return value
+
+
+def check_float(
+    name: str,
+    value: Any,
+    *,
+    min_value: float | None = None,
+    max_value: float | None = None,
+    strict_min: bool = False,
+) -> Any:
+    """Check a scalar or array of reals: finite and inside the range. Tracers pass through unchanged."""
+    if not is_concrete(value):
+        return value
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    lo = "(" if strict_min else "["
+    rng = f" in {lo}{'-inf' if min_value is None else min_value}, {'inf' if max_value is None else max_value}]"
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite{rng}, got {value!r}")
+    if min_value is not None and (np.any(arr <= min_value) if strict_min else np.any(arr < min_value)):
+        raise ValueError(f"{name} must be{rng}, got {value!r}")
+    if max_value is not None and np.any(arr > max_value):
+        raise ValueError(f"{name} must be{rng}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    """Raise ValueError unless ``value`` is one of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_shape(name: str, value: Any, expected: tuple[int | None, ...], legend: str) -> None:
+    """Raise ValueError unless ``value.shape`` matches ``expected`` (None matches any size)."""
+    shape = tuple(np.shape(value))
+    ok = len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape))
+    if not ok:
+        want = "(" + ", ".join("?" if e is None else str(e) for e in expected) + ")"
+        raise ValueError(f"{name} must have shape {legend} = {want}, got {shape}")
+
+
+def _range_text(min_value: int | None, max_value: int | None) -> str:
+    if min_value is not None and max_value is not None:
+        return f" in [{min_value}, {max_value}]"
+    if min_value is not None:
+        return f" >= {min_value}"
+    if max_value is not None:
+        return f" <= {max_value}"
+    return ""
+
+
+def finite_or_inf(x: float) -> float:
+    """``float(x)``, with NaN mapped to +inf (for 'best value' searches)."""
+    x = float(x)
+    return math.inf if math.isnan(x) else x
