@@ -1,0 +1,340 @@
+"""Training Transformers on the in-context regression objective.
+
+Loss: half-MSE of the query prediction, 0.5 * mean (y_hat - y_q)^2, on fresh tasks every step
+("Transformers learn in-context by gradient descent", section 4). The optimiser is AdamW (b1 0.9, b2 0.98, no
+weight decay by default) behind global-norm gradient clipping.
+
+Speed and reproducibility:
+- whole chunks of ``chunk_steps`` steps are one jit-compiled ``lax.scan``; tasks are sampled inside from
+  ``fold_in(data_key, step)``, so step s always sees the same tasks, whatever the chunking or interruptions;
+- several seeds train at once under ``vmap`` (leading seed axis S on every parameter);
+- checkpoints (parameters, optimiser state, per-step losses) are written atomically every ``checkpoint_every``
+  steps and on Ctrl-C; ``train`` resumes from the last one and reaches the identical result;
+- a non-finite loss stops training with :class:`TrainingDiverged`, naming the step and what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from iclgd_synth.losses import half_mse
+from iclgd_synth.model import ModelConfig, TransformerParams, init_params, predict
+from iclgd_synth.tasks import TASK_PRESETS, TaskConfig, sample
+from iclgd_synth.validation import check_choice, check_float, check_int
+
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
+
+
+class TrainingDiverged(FloatingPointError):
+    """Raised when the training loss becomes NaN or infinite."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (and its run-directory hash).
+
+    Attributes:
+      task: how tasks are drawn (:class:`TaskConfig`). Default: the ``vonoswald`` preset (d = N = 10).
+      model: the architecture (:class:`ModelConfig`). Default: 1 linear-attention layer.
+      batch_size: tasks per step. Default 2048.
+      n_steps: optimiser steps. Default 5000.
+      lr: peak learning rate. Default 1e-3 (the reference paper uses 5e-4 for depth >= 3).
+      b1, b2: Adam moment decay rates. Default 0.9, 0.98.
+      weight_decay: AdamW decoupled weight decay. Default 0.
+      clip_norm: global gradient-norm clip; None disables. Default 10 (the paper's text; its code uses 1e-3).
+      schedule: "constant", "cosine" (decay to 0) or "warmup_cosine". Default "constant".
+      warmup_steps: linear warm-up length for "warmup_cosine". Default 0.
+      seeds: seeds trained together under vmap (init and data differ per seed). Default (0,).
+      chunk_steps: steps per jit-compiled scan chunk (progress and divergence checks happen between chunks).
+        Default 250.
+      checkpoint_every: steps between checkpoints (rounded up to whole chunks). Default 2500.
+      eval_batch: held-out tasks for the final evaluation. Default 10000.
+    """
+
+    task: TaskConfig = TASK_PRESETS["vonoswald"]
+    model: ModelConfig = ModelConfig()
+    batch_size: int = 2048
+    n_steps: int = 5000
+    lr: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.98
+    weight_decay: float = 0.0
+    clip_norm: float | None = 10.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    seeds: tuple[int, ...] = (0,)
+    chunk_steps: int = 250
+    checkpoint_every: int = 2500
+    eval_batch: int = 10000
+
+    def __post_init__(self):
+        check_int("batch_size", self.batch_size, min_value=1)
+        check_int("n_steps", self.n_steps, min_value=1)
+        check_float("lr", self.lr, min_value=0.0, strict_min=True)
+        check_float("b1", self.b1, min_value=0.0, max_value=1.0)
+        check_float("b2", self.b2, min_value=0.0, max_value=1.0)
+        check_float("weight_decay", self.weight_decay, min_value=0.0)
+        if self.clip_norm is not None:
+            check_float("clip_norm", self.clip_norm, min_value=0.0, strict_min=True)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_int("warmup_steps", self.warmup_steps, min_value=0, max_value=self.n_steps)
+        if not isinstance(self.seeds, tuple) or not self.seeds:
+            object.__setattr__(self, "seeds", tuple(self.seeds) if self.seeds else ())
+            if not self.seeds:
+                raise ValueError("seeds must be a non-empty sequence of integers >= 0")
+        for s in self.seeds:
+            check_int("seeds[i]", s, min_value=0)
+        check_int("chunk_steps", self.chunk_steps, min_value=1)
+        check_int("checkpoint_every", self.checkpoint_every, min_value=1)
+        check_int("eval_batch", self.eval_batch, min_value=1)
+        if self.model.dim != self.task.dim or self.model.out_dim != self.task.out_dim:
+            raise ValueError(f"model.dim/out_dim ({self.model.dim}, {self.model.out_dim}) must match task.dim/out_dim "
+                             f"({self.task.dim}, {self.task.out_dim})")
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Short stable hash of the config (names run directories and guards resumption)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:10]
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        task = TaskConfig(**d.pop("task"))
+        model = ModelConfig(**d.pop("model"))
+        d["seeds"] = tuple(d.get("seeds", (0,)))
+        return TrainConfig(task=task, model=model, **d)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """Trained parameters (leading seed axis S), per-step training losses (S, n_steps) and timings."""
+
+    config: TrainConfig
+    params: TransformerParams
+    losses: np.ndarray
+    train_seconds: float
+    resumed_from: int = 0
+
+    def seed_params(self, i: int = 0) -> TransformerParams:
+        """Parameters of the i-th seed (no seed axis)."""
+        return jax.tree.map(lambda a: a[i], self.params)
+
+    @property
+    def tasks_per_second(self) -> float:
+        steps = self.config.n_steps - self.resumed_from
+        return steps * self.config.batch_size * len(self.config.seeds) / max(self.train_seconds, 1e-9)
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """AdamW behind optional global-norm clipping, with the configured learning-rate schedule."""
+    if config.schedule == "constant":
+        lr: Any = config.lr
+    elif config.schedule == "cosine":
+        lr = optax.cosine_decay_schedule(config.lr, config.n_steps)
+    else:
+        lr = optax.warmup_cosine_decay_schedule(0.0, config.lr, max(config.warmup_steps, 1), config.n_steps)
+    adam = optax.adamw(lr, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
+    if config.clip_norm is None:
+        return adam
+    return optax.chain(optax.clip_by_global_norm(config.clip_norm), adam)
+
+
+def loss_fn(params: TransformerParams, batch) -> jax.Array:
+    """Half-MSE of the query prediction (only the query token is computed in the last layer)."""
+    return half_mse(predict(params, batch), batch.y_query)
+
+
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(init key, data key) of a seed."""
+    k_init, k_data = jax.random.split(jax.random.PRNGKey(seed))
+    return k_init, k_data
+
+
+def make_step(config: TrainConfig, optimizer: optax.GradientTransformation) -> Callable:
+    """One optimiser step for one seed: (params, opt_state, data_key, step) -> (params, opt_state, loss)."""
+
+    def step_fn(params, opt_state, data_key, step):
+        batch = sample(jax.random.fold_in(data_key, step), config.task, config.batch_size)
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step_fn
+
+
+def make_chunk(config: TrainConfig, optimizer: optax.GradientTransformation, n: int) -> Callable:
+    """``n`` steps for all seeds as one compiled scan: (params_S, opt_S, keys_S, start) -> (..., losses_Sxn)."""
+    step_fn = jax.vmap(make_step(config, optimizer), in_axes=(0, 0, 0, None))
+
+    @jax.jit
+    def chunk(params, opt_state, data_keys, start):
+        def body(carry, step):
+            p, o = carry
+            p, o, loss = step_fn(p, o, data_keys, step)
+            return (p, o), loss
+
+        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), start + jnp.arange(n))
+        return params, opt_state, losses.T
+
+    return chunk
+
+
+def init_state(config: TrainConfig):
+    """Initial parameters and optimiser state for every seed (leading axis S) and the data keys."""
+    keys = [seed_keys(s) for s in config.seeds]
+    init_keys = jnp.stack([k[0] for k in keys])
+    data_keys = jnp.stack([k[1] for k in keys])
+    params = jax.vmap(lambda k: init_params(k, config.model))(init_keys)
+    opt_state = jax.vmap(make_optimizer(config).init)(params)
+    return params, opt_state, data_keys
+
+
+def train(config: TrainConfig, workdir: str | os.PathLike | None = None, *, progress: bool = True,
+          resume: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Train ``config.model`` on ``config.task``; checkpoints go to ``workdir`` (if given).
+
+    ``stop_after`` ends the run early after that many steps (rounded up to a chunk), as an interruption would;
+    a later call resumes from the checkpoint. Returns a :class:`TrainResult`.
+    """
+    optimizer = make_optimizer(config)
+    params, opt_state, data_keys = init_state(config)
+    losses = np.full((len(config.seeds), config.n_steps), np.nan, np.float32)
+    start = 0
+    ckpt = Path(workdir) / "checkpoint.npz" if workdir is not None else None
+    if ckpt is not None and resume and ckpt.exists():
+        params, opt_state, start, losses = load_checkpoint(ckpt, config, (params, opt_state))
+    resumed_from = start
+    chunks: dict[int, Callable] = {}
+    bar = _progress_bar(config, start, progress)
+    seconds, last_ckpt = 0.0, start
+    try:
+        while start < config.n_steps and (stop_after is None or start < stop_after):
+            n = min(config.chunk_steps, config.n_steps - start)
+            if n not in chunks:
+                chunks[n] = make_chunk(config, optimizer, n)
+            t0 = time.perf_counter()
+            new_params, new_opt, chunk_losses = chunks[n](params, opt_state, data_keys, start)
+            chunk_losses = np.asarray(chunk_losses)
+            seconds += time.perf_counter() - t0
+            _check_finite(chunk_losses, start, config)
+            params, opt_state = new_params, new_opt
+            losses[:, start:start + n] = chunk_losses
+            start += n
+            if bar is not None:
+                bar.update(n)
+                bar.set_postfix(loss=f"{chunk_losses[:, -1].mean():.4f}",
+                                tasks_per_s=f"{(start - resumed_from) * config.batch_size * len(config.seeds) / max(seconds, 1e-9):.3g}")
+            if ckpt is not None and (start - last_ckpt >= config.checkpoint_every or start >= config.n_steps):
+                save_checkpoint(ckpt, config, params, opt_state, start, losses)
+                last_ckpt = start
+    except KeyboardInterrupt:
+        if ckpt is not None and start > last_ckpt:
+            save_checkpoint(ckpt, config, params, opt_state, start, losses)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return TrainResult(config=config, params=params, losses=losses, train_seconds=seconds, resumed_from=resumed_from)
+
+
+def _check_finite(chunk_losses: np.ndarray, start: int, config: TrainConfig) -> None:
+    bad = ~np.isfinite(chunk_losses)
+    if bad.any():
+        seed_idx, step_idx = np.argwhere(bad)[np.argmin(np.argwhere(bad)[:, 1])]
+        raise TrainingDiverged(
+            f"training diverged: loss is {chunk_losses[seed_idx, step_idx]} at step {start + int(step_idx)} "
+            f"(seed {config.seeds[int(seed_idx)]}). Try a smaller lr (now {config.lr}), gradient clipping "
+            f"(clip_norm, now {config.clip_norm}), clipping token values (model clip=10 for deep models) or a "
+            f"smaller init_scale (now {config.model.init_scale}).")
+
+
+def _progress_bar(config: TrainConfig, start: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.n_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def save_checkpoint(path: Path, config: TrainConfig, params, opt_state, step: int, losses: np.ndarray) -> None:
+    """Write parameters, optimiser state, step and losses atomically (temporary file, then rename)."""
+    leaves = jax.tree.leaves((params, opt_state))
+    arrays = {f"leaf_{i}": np.asarray(x) for i, x in enumerate(leaves)}
+    arrays.update(step=np.asarray(step), losses=losses, config_hash=np.asarray(config.hash()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: Path, config: TrainConfig, like):
+    """Read a checkpoint written by :func:`save_checkpoint` into the structure of ``like`` (params, opt_state)."""
+    with np.load(path) as z:
+        if str(z["config_hash"]) != config.hash():
+            raise ValueError(f"checkpoint {path} belongs to another config (hash {z['config_hash']}, expected "
+                             f"{config.hash()}); use another workdir or delete it")
+        leaves, treedef = jax.tree.flatten(like)
+        loaded = [jnp.asarray(z[f"leaf_{i}"], dtype=l.dtype) for i, l in enumerate(leaves)]
+        params, opt_state = jax.tree.unflatten(treedef, loaded)
+        return params, opt_state, int(z["step"]), np.array(z["losses"])
+
+
+def save_params(path: str | os.PathLike, params: TransformerParams) -> None:
+    """Save parameters (arrays + architecture) atomically to an .npz file."""
+    flat = {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp): np.asarray(v)
+            for kp, v in jax.tree_util.tree_flatten_with_path(params.layers)[0]}
+    flat["__arch__"] = np.asarray(json.dumps(dataclasses.asdict(params.arch)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, **flat)
+    os.replace(tmp, path)
+
+
+def load_params(path: str | os.PathLike) -> TransformerParams:
+    """Load parameters saved by :func:`save_params`."""
+    from iclgd_synth.model import Arch
+
+    with np.load(path) as z:
+        arch = Arch(**json.loads(str(z["__arch__"])))
+        layers: dict[int, dict] = {}
+        for name in z.files:
+            if name == "__arch__":
+                continue
+            parts = name.split("/")
+            node = layers.setdefault(int(parts[0]), {})
+            for p in parts[1:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = jnp.asarray(z[name])
+    return TransformerParams(layers=tuple(layers[i] for i in sorted(layers)), arch=arch)
+
+
+def quick_trained_lsa(steps: int = 2000, seed: int = 0, batch_size: int = 2048) -> TransformerParams:
+    """A 1-layer LSA trained on the ``vonoswald`` preset (d = N = 10) for ``steps`` steps: a quick trained model."""
+    config = TrainConfig(n_steps=steps, seeds=(seed,), batch_size=batch_size)
+    return train(config, progress=False).seed_params(0)
