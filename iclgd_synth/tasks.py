@@ -217,37 +217,50 @@ def sample_tasks(key: PRNGKey, batch_size: int, n_context: int, dim: int, **opti
     return sample(key, config, check_int("batch_size", batch_size, min_value=1), dtype=dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "batch_size", "dtype"))
+#: Real-valued TaskConfig fields passed to the compiled sampler as traced values, so sweeping them (out-of-distribution
+#: tests, noise levels) reuses one compilation. Only whether noise / corruption are on at all is static.
+_TRACED_FIELDS = ("x_range", "w_scale", "noise", "x_scale", "label_corruption")
+
+
 def sample(key: PRNGKey, config: TaskConfig, batch_size: int, dtype: Any = None) -> TaskBatch:
     """Draw a :class:`TaskBatch` for ``config``; the jit-compiled core of :func:`sample_tasks`."""
-    dtype = jnp.dtype(dtype) if dtype is not None else jnp.zeros(()).dtype
+    values = {f: getattr(config, f) for f in _TRACED_FIELDS}
+    static = config.replace(x_range=1.0, w_scale=1.0, x_scale=1.0, noise=float(config.noise > 0),
+                            label_corruption=0.5 * (config.label_corruption > 0))
+    return _sample(key, static, values, batch_size, None if dtype is None else jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "batch_size", "dtype"))
+def _sample(key: PRNGKey, config: TaskConfig, values: dict, batch_size: int, dtype: Any = None) -> TaskBatch:
+    dtype = dtype if dtype is not None else jnp.zeros(()).dtype
     b, n, d, o = batch_size, config.n_context, config.dim, config.out_dim
     k_x, k_w, k_noise, k_corrupt = jax.random.split(key, 4)
     # One flat draw reshaped is markedly faster on CPU than drawing shaped arrays.
-    x_all = _draw_inputs(k_x, config, b * (n + 1) * d, dtype).reshape(b, n + 1, d) * config.x_scale
-    w = _draw_weights(k_w, config, b, dtype)  # (B, O, d)
+    x_all = _draw_inputs(k_x, config, values["x_range"], b * (n + 1) * d, dtype).reshape(b, n + 1, d)
+    x_all = x_all * values["x_scale"]
+    w = _draw_weights(k_w, config, values["w_scale"], b, dtype)  # (B, O, d)
     y_all = jnp.einsum("bod,bnd->bno", w, x_all)
     if config.noise > 0:
-        y_all = y_all + config.noise * jax.random.normal(k_noise, y_all.shape, dtype)
+        y_all = y_all + values["noise"] * jax.random.normal(k_noise, y_all.shape, dtype)
     if config.label_corruption > 0:
         k_sel, k_w2 = jax.random.split(k_corrupt)
-        w_other = config.w_scale * jax.random.normal(k_w2, (b, o, d), dtype)
+        w_other = values["w_scale"] * jax.random.normal(k_w2, (b, o, d), dtype)
         y_other = jnp.einsum("bod,bnd->bno", w_other, x_all[:, :n])
-        replace = jax.random.bernoulli(k_sel, config.label_corruption, (b, n, 1))
+        replace = jax.random.bernoulli(k_sel, values["label_corruption"], (b, n, 1))
         y_all = y_all.at[:, :n].set(jnp.where(replace, y_other, y_all[:, :n]))
     if o == 1:
         y_all, w = y_all[..., 0], w[:, 0]
     return TaskBatch(x=x_all[:, :n], y=y_all[:, :n], x_query=x_all[:, n], y_query=y_all[:, n], w=w)
 
 
-def task_pool(config: TaskConfig, dtype: Any = None) -> Array:
+def task_pool(config: TaskConfig, dtype: Any = None, w_scale: Any = None) -> Array:
     """The finite pool of task weights, (M, d_out, d), drawn from ``config.pool_seed`` alone."""
     if config.pool_size is None:
         raise ValueError("task_pool needs a config with pool_size set (an integer >= 1)")
     dtype = jnp.dtype(dtype) if dtype is not None else jnp.zeros(()).dtype
     key = jax.random.PRNGKey(config.pool_seed)
     shape = (config.pool_size, config.out_dim, config.dim)
-    return config.w_scale * jax.random.normal(key, shape, dtype)
+    return (config.w_scale if w_scale is None else w_scale) * jax.random.normal(key, shape, dtype)
 
 
 def input_covariance(config: TaskConfig, dtype: Any = None) -> Array:
@@ -275,9 +288,9 @@ def _anisotropic_factor(config: TaskConfig, dtype) -> Array:
     return q * jnp.sqrt(eig)
 
 
-def _draw_inputs(key: PRNGKey, config: TaskConfig, size: int, dtype) -> Array:
+def _draw_inputs(key: PRNGKey, config: TaskConfig, x_range: Any, size: int, dtype) -> Array:
     if config.x_dist == "uniform":
-        return jax.random.uniform(key, (size,), dtype, -config.x_range, config.x_range)
+        return x_range * jax.random.uniform(key, (size,), dtype, -1.0, 1.0)
     if config.x_dist == "normal":
         return jax.random.normal(key, (size,), dtype)
     if config.x_dist == "laplace":
@@ -288,9 +301,9 @@ def _draw_inputs(key: PRNGKey, config: TaskConfig, size: int, dtype) -> Array:
     return (z @ _anisotropic_factor(config, dtype).T).reshape(-1)
 
 
-def _draw_weights(key: PRNGKey, config: TaskConfig, batch_size: int, dtype) -> Array:
+def _draw_weights(key: PRNGKey, config: TaskConfig, w_scale: Any, batch_size: int, dtype) -> Array:
     shape = (batch_size, config.out_dim, config.dim)
     if config.pool_size is None:
-        return config.w_scale * jax.random.normal(key, shape, dtype)
-    pool = task_pool(config, dtype)
+        return w_scale * jax.random.normal(key, shape, dtype)
+    pool = task_pool(config, dtype, w_scale)
     return pool[jax.random.randint(key, (batch_size,), 0, config.pool_size)]

@@ -208,11 +208,13 @@ def init_state(config: TrainConfig):
 
 
 def train(config: TrainConfig, workdir: str | os.PathLike | None = None, *, progress: bool = True,
-          resume: bool = True, stop_after: int | None = None) -> TrainResult:
+          resume: bool = True, stop_after: int | None = None,
+          on_chunk: Callable[[int, TransformerParams], None] | None = None) -> TrainResult:
     """Train ``config.model`` on ``config.task``; checkpoints go to ``workdir`` (if given).
 
     ``stop_after`` ends the run early after that many steps (rounded up to a chunk), as an interruption would;
-    a later call resumes from the checkpoint. Returns a :class:`TrainResult`.
+    a later call resumes from the checkpoint. ``on_chunk(step, params)`` is called after every chunk (params with
+    the seed axis), e.g. to record metrics over training. Returns a :class:`TrainResult`.
     """
     optimizer = make_optimizer(config)
     params, opt_state, data_keys = init_state(config)
@@ -242,6 +244,8 @@ def train(config: TrainConfig, workdir: str | os.PathLike | None = None, *, prog
                 bar.update(n)
                 bar.set_postfix(loss=f"{chunk_losses[:, -1].mean():.4f}",
                                 tasks_per_s=f"{(start - resumed_from) * config.batch_size * len(config.seeds) / max(seconds, 1e-9):.3g}")
+            if on_chunk is not None:
+                on_chunk(start, params)
             if ckpt is not None and (start - last_ckpt >= config.checkpoint_every or start >= config.n_steps):
                 save_checkpoint(ckpt, config, params, opt_state, start, losses)
                 last_ckpt = start

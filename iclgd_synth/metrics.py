@@ -1,0 +1,205 @@
+"""Comparison metrics between any two predictors ("Transformers learn in-context by gradient descent", section 5).
+
+A predictor is anything with the call shape ``f(batch) -> (B,)``: ``functools.partial(lsa_predict, params)``,
+``GD(eta, steps)``, ``Ridge(lam)``, ... Averages are over the tasks of the batch.
+
+- preds diff: mean ||f(batch) - g(batch)||_2 (L2 over output dimensions).
+- model cos / model diff: cosine and L2 distance between the sensitivities d y_hat / d x_q of the two predictors
+  (for linear predictors these are the implicit weights W such that y_hat = W x_q).
+- weight alignment and interpolation: for linear attention only the products W_KQ = W_K^T W_Q and W_PV = P W_V
+  matter; the trained pair is rescaled by beta (mean diagonal of the x-block of its W_KQ) so it is comparable with
+  the construction, the two are compared by cosine, averaged, and the averaged model's loss is reported.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iclgd_synth.attention import head_products
+from iclgd_synth.constructions import from_products
+from iclgd_synth.losses import half_mse
+from iclgd_synth.model import TransformerParams, layer_predictions, predict
+from iclgd_synth.shapes import Array, Predictor
+from iclgd_synth.tasks import TaskBatch, TaskConfig, sample, validate_batch
+
+
+def as_predictor(obj: Any) -> Predictor:
+    """A jit-compiled predictor: parameters and pytree learners (GD, Ridge, ...) are traced as arguments, so one
+    compilation serves every value of their weights or hyper-parameters; other callables pass through unchanged."""
+    if isinstance(obj, TransformerParams):
+        return functools.partial(_jit_predict, obj)
+    if callable(obj):
+        leaves = jax.tree.leaves(obj)
+        if len(leaves) == 1 and leaves[0] is obj:  # not a pytree: call as is
+            return obj
+        return functools.partial(_jit_call, obj)
+    raise TypeError(f"expected TransformerParams or a predictor callable(batch) -> (B,), got {type(obj).__name__}")
+
+
+@jax.jit
+def _jit_predict(params: TransformerParams, batch: TaskBatch) -> Array:
+    return predict(params, batch)
+
+
+@jax.jit
+def _jit_call(f: Any, batch: TaskBatch) -> Array:
+    return f(batch)
+
+
+def loss(f: Any, batch: TaskBatch) -> float:
+    """Half-MSE of predictor ``f`` on the query labels."""
+    batch = validate_batch(batch)
+    return float(half_mse(as_predictor(f)(batch), batch.y_query))
+
+
+def sensitivities(f: Any, batch: TaskBatch) -> Array:
+    """d y_hat / d x_q per task: (B, d), or (B, d_out, d) for vector outputs."""
+    batch = validate_batch(batch)
+    if isinstance(f, TransformerParams) or as_predictor(f) is not f:
+        return _jit_sensitivities(f, batch)
+    return _sensitivities(f, batch)
+
+
+@jax.jit
+def _jit_sensitivities(f: Any, batch: TaskBatch) -> Array:
+    return _sensitivities(f, batch)
+
+
+def _sensitivities(f: Any, batch: TaskBatch) -> Array:
+    f = functools.partial(predict, f) if isinstance(f, TransformerParams) else f
+
+    def out(xq):
+        return f(batch.replace(x_query=xq))
+
+    y, vjp = jax.vjp(out, batch.x_query)
+    if y.ndim == 1:
+        return vjp(jnp.ones_like(y))[0]
+    # Tasks are independent, so one VJP per output dimension gives every task's Jacobian row.
+    rows = [vjp(jnp.zeros_like(y).at[:, o].set(1.0))[0] for o in range(y.shape[1])]
+    return jnp.stack(rows, axis=1)
+
+
+def _l2_rows(a: Array) -> Array:
+    """Per-task L2 norm over output (and input) dimensions."""
+    return jnp.abs(a) if a.ndim == 1 else jnp.linalg.norm(a.reshape(a.shape[0], -1), axis=-1)
+
+
+def _cos_rows(a: Array, b: Array, eps: float = 1e-30) -> Array:
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    return jnp.sum(a * b, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1) + eps)
+
+
+def preds_diff(f: Any, g: Any, batch: TaskBatch) -> float:
+    """Mean over tasks of the L2 distance between the two predictions."""
+    return float(jnp.mean(_l2_rows(as_predictor(f)(batch) - as_predictor(g)(batch))))
+
+
+def model_cos(f: Any, g: Any, batch: TaskBatch) -> float:
+    """Mean over tasks of the cosine between the sensitivities of ``f`` and ``g``."""
+    return float(jnp.mean(_cos_rows(sensitivities(f, batch), sensitivities(g, batch))))
+
+
+def model_diff(f: Any, g: Any, batch: TaskBatch) -> float:
+    """Mean over tasks of the L2 distance between the sensitivities of ``f`` and ``g``."""
+    return float(jnp.mean(_l2_rows(sensitivities(f, batch) - sensitivities(g, batch))))
+
+
+def compare(f: Any, g: Any, batch: TaskBatch) -> dict[str, float]:
+    """All prediction-level metrics of ``f`` against ``g`` (each prediction and sensitivity computed once)."""
+    batch = validate_batch(batch)
+    pf, pg = as_predictor(f)(batch), as_predictor(g)(batch)
+    sf, sg = sensitivities(f, batch), sensitivities(g, batch)
+    return {"loss_a": float(half_mse(pf, batch.y_query)), "loss_b": float(half_mse(pg, batch.y_query)),
+            "preds_diff": float(jnp.mean(_l2_rows(pf - pg))), "model_cos": float(jnp.mean(_cos_rows(sf, sg))),
+            "model_diff": float(jnp.mean(_l2_rows(sf - sg)))}
+
+
+def effective_products(params: TransformerParams, layer: int = 0) -> tuple[Array, Array]:
+    """(W_KQ, W_PV) of one linear-attention layer with a single head, each (D, D)."""
+    kq, pv = head_products(params.layers[layer])
+    if kq.shape[0] != 1:
+        raise ValueError("effective_products needs a single-head layer; multi-head layers have one pair per head")
+    return kq[0], pv[0]
+
+
+def rescaled_products(params: TransformerParams, dim: int, layer: int = 0) -> tuple[Array, Array, float]:
+    """(W_KQ / beta, beta W_PV, beta) with beta the mean diagonal of the x-block of W_KQ (the product is kept)."""
+    kq, pv = effective_products(params, layer)
+    beta = jnp.mean(jnp.diagonal(kq)[:dim])
+    return kq / beta, pv * beta, float(beta)
+
+
+def _cos(a: Array, b: Array) -> float:
+    a, b = a.ravel(), b.ravel()
+    return float(jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30))
+
+
+def weight_alignment(trained: TransformerParams, hand: TransformerParams, dim: int, layer: int = 0
+                     ) -> dict[str, float]:
+    """Cosines between trained and constructed W_KQ and W_PV (after rescaling both by their beta), and beta."""
+    kq_t, pv_t, beta_t = rescaled_products(trained, dim, layer)
+    kq_h, pv_h, _ = rescaled_products(hand, dim, layer)
+    return {"kq_cos": _cos(kq_t, kq_h), "pv_cos": _cos(pv_t, pv_h), "beta": beta_t,
+            "pv_yy": float(pv_t[dim:, dim:].mean()), "pv_yy_hand": float(pv_h[dim:, dim:].mean())}
+
+
+def interpolate(trained: TransformerParams, hand: TransformerParams, dim: int, alpha: float = 0.5
+                ) -> TransformerParams:
+    """Single-layer model whose rescaled products are (1 - alpha) * trained + alpha * hand."""
+    kq_t, pv_t, _ = rescaled_products(trained, dim)
+    kq_h, pv_h, _ = rescaled_products(hand, dim)
+    kq = (1 - alpha) * kq_t + alpha * kq_h
+    pv = (1 - alpha) * pv_t + alpha * pv_h
+    return from_products(kq, pv, arch=hand.arch)
+
+
+def per_layer_losses(params: TransformerParams, batch: TaskBatch) -> list[float]:
+    """Loss of the read-out after each layer application."""
+    batch = validate_batch(batch)
+    preds = layer_predictions(params, batch)
+    return [float(half_mse(p, batch.y_query)) for p in preds]
+
+
+#: Out-of-distribution sweeps of the reference paper: name -> (TaskConfig field, default values).
+OOD_SWEEPS: dict[str, tuple[str, tuple]] = {
+    "x_scale": ("x_scale", (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)),
+    "w_scale": ("w_scale", (0.5, 1.0, 2.0, 3.0, 5.0)),
+    "x_dist": ("x_dist", ("uniform", "normal", "laplace", "exponential")),
+    "label_corruption": ("label_corruption", (0.0, 0.1, 0.2, 0.3)),
+}
+
+
+def ood_sweep(predictors: Mapping[str, Any], task: TaskConfig, sweep: str, *, values: tuple | None = None,
+              n_tasks: int = 2000, seed: int = 12345) -> dict[str, Any]:
+    """Loss of every predictor as one task property moves away from training (same tasks for all predictors).
+
+    Returns {"values": [...], "losses": {name: [...]}}.
+    """
+    if sweep not in OOD_SWEEPS:
+        raise ValueError(f"sweep must be one of {sorted(OOD_SWEEPS)}, got {sweep!r}")
+    field, default = OOD_SWEEPS[sweep]
+    values = tuple(default if values is None else values)
+    out: dict[str, Any] = {"values": list(values), "losses": {name: [] for name in predictors}}
+    for v in values:
+        batch = sample(jax.random.PRNGKey(seed), task.replace(**{field: v}), n_tasks)
+        for name, f in predictors.items():
+            out["losses"][name].append(loss(f, batch))
+    return out
+
+
+def metric_table(rows: Mapping[str, Mapping[str, float]], columns: list[str]) -> str:
+    """A Markdown table: one row per entry, the given metric columns."""
+    head = "| | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
+    body = ""
+    for name, vals in rows.items():
+        cells = []
+        for c in columns:
+            v = vals.get(c)
+            cells.append("" if v is None else (f"{v:.4g}" if isinstance(v, (float, int, np.floating)) else str(v)))
+        body += f"| {name} | " + " | ".join(cells) + " |\n"
+    return head + body

@@ -1,0 +1,108 @@
+"""Figures for the study reports (matplotlib, Agg backend; every function writes one PNG and returns its path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def loss_curves(path, losses_SxT: np.ndarray, baselines: Mapping[str, float], *, title: str = "training loss",
+                smooth: int = 50) -> Path:
+    """Training loss per step (mean over seeds, smoothed, min-max band) against horizontal baseline losses."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    losses = np.asarray(losses_SxT, np.float64)
+    steps = np.arange(1, losses.shape[1] + 1)
+    k = max(1, min(smooth, losses.shape[1] // 10 or 1))
+    kernel = np.ones(k) / k
+    sm = np.stack([np.convolve(l, kernel, mode="valid") for l in losses])
+    x = steps[k - 1:]
+    ax.plot(x, sm.mean(0), label=f"trained ({losses.shape[0]} seed{'s' * (losses.shape[0] > 1)})", color="k")
+    if losses.shape[0] > 1:
+        ax.fill_between(x, sm.min(0), sm.max(0), color="k", alpha=0.2)
+    for i, (name, v) in enumerate(baselines.items()):
+        ax.axhline(v, ls="--", color=f"C{i}", label=f"{name} ({v:.3f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("half-MSE on the query")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def metrics_over_training(path, steps: Sequence[int], series: Mapping[str, Sequence[float]], *,
+                          title: str = "trained model vs GD over training") -> Path:
+    """One panel per metric (preds diff, model cos, ...) against the training step."""
+    n = len(series)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3), squeeze=False)
+    for ax, (name, vals) in zip(axes[0], series.items()):
+        ax.plot(steps, vals, marker=".")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def weight_heatmaps(path, matrices: Mapping[str, np.ndarray], *, title: str = "") -> Path:
+    """Heat maps side by side, each with a symmetric colour scale."""
+    n = len(matrices)
+    fig, axes = plt.subplots(1, n, figsize=(3.0 * n, 3.0), squeeze=False)
+    for ax, (name, m) in zip(axes[0], matrices.items()):
+        m = np.asarray(m, np.float64)
+        v = float(np.max(np.abs(m))) or 1.0
+        im = ax.imshow(m, cmap="RdBu_r", vmin=-v, vmax=v)
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def ood_curves(path, sweeps: Mapping[str, Mapping], *, title: str = "out of distribution") -> Path:
+    """One panel per sweep: loss of every predictor against the swept value."""
+    n = len(sweeps)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False)
+    for ax, (name, sw) in zip(axes[0], sweeps.items()):
+        values = sw["values"]
+        numeric = all(isinstance(v, (int, float)) for v in values)
+        xs = values if numeric else list(range(len(values)))
+        for i, (pname, losses) in enumerate(sw["losses"].items()):
+            ax.plot(xs, losses, marker="o", ms=3, label=pname, color=f"C{i}")
+        if not numeric:
+            ax.set_xticks(xs)
+            ax.set_xticklabels(values, rotation=30, fontsize=7)
+        ax.set_yscale("log")
+        ax.set_title(name, fontsize=9)
+    axes[0][0].set_ylabel("half-MSE")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def per_layer_losses(path, curves: Mapping[str, Sequence[float]], *, title: str = "loss after each layer / step"
+                     ) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for i, (name, vals) in enumerate(curves.items()):
+        ax.plot(np.arange(1, len(vals) + 1), vals, marker="o", label=name, color=f"C{i}")
+    ax.set_xlabel("layer / step")
+    ax.set_ylabel("half-MSE")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,303 @@
+"""Train Transformers on the in-context objective and compare them with tuned GD, GD++ and the hand construction.
+
+The reference paper's core analysis ("Transformers learn in-context by gradient descent", sections 3-4): a trained
+1-layer linear self-attention model should match one step of tuned GD (same loss, model cos ~ 1, its W_K^T W_Q ~ a
+multiple of diag(I, 0) and P W_V nonzero only in the [y, y] entry); deeper trained models beat plain K-step GD and
+approach GD++. Every model of a study is trained with the same data and optimiser settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from iclgd_synth import metrics as M
+from iclgd_synth import plotting
+from iclgd_synth.constructions import gd_params, gdpp_params
+from iclgd_synth.learners import GD, GDPlusPlus, LeastSquares, tune_gd, tune_gdpp
+from iclgd_synth.model import ModelConfig, TransformerParams
+from iclgd_synth.studies.rundir import is_finished, read_json, run_directory, write_json, write_text_atomic
+from iclgd_synth.tasks import sample
+from iclgd_synth.train import TrainConfig, train
+
+TUNE_SEED, EVAL_SEED = 1_000_003, 2_000_003
+
+
+@dataclasses.dataclass(frozen=True)
+class GDComparisonStudy:
+    """A study: models trained on one task distribution and compared with GD-type learners.
+
+    Attributes:
+      name: run-directory prefix and CLI name.
+      description: one line for the report and ``iclgd run --list``.
+      train: training settings shared by all models (its ``model`` field is replaced by each entry of ``models``).
+      models: (label, ModelConfig) pairs to train.
+      baseline_steps: K, the number of GD (and GD++) steps in the baselines. Default 1.
+      gdpp: also tune and compare GD++ with K steps. Default False.
+      tune_tasks: tasks used to tune the baselines' step sizes (separate from evaluation). Default 10000.
+      eval_tasks: held-out tasks for all reported losses and metrics. Default 10000.
+      ood: run the out-of-distribution sweeps. Default True.
+
+    The metrics recorded over training and the OOD sweeps use ``eval_tasks`` tasks too (one batch shape, so each
+    predictor is compiled once).
+    """
+
+    name: str
+    description: str
+    train: TrainConfig
+    models: tuple[tuple[str, ModelConfig], ...]
+    baseline_steps: int = 1
+    gdpp: bool = False
+    tune_tasks: int = 10000
+    eval_tasks: int = 10000
+    ood: bool = True
+
+    def quick(self) -> "GDComparisonStudy":
+        """A CI-sized version: few steps, small batches, few tasks (same code path)."""
+        t = self.train.replace(n_steps=min(self.train.n_steps, 300), batch_size=min(self.train.batch_size, 512),
+                               chunk_steps=100, checkpoint_every=100, eval_batch=1000)
+        return dataclasses.replace(self, train=t, tune_tasks=1000, eval_tasks=1000)
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "train": self.train.to_dict(),
+                "models": [[label, dataclasses.asdict(m)] for label, m in self.models],
+                "baseline_steps": self.baseline_steps, "gdpp": self.gdpp, "tune_tasks": self.tune_tasks,
+                "eval_tasks": self.eval_tasks, "ood": self.ood}
+
+
+def _is_plain_lsa(m: ModelConfig) -> bool:
+    return m.attention == "linear" and not (m.layer_norm or m.mlp or m.causal or m.include_query or m.normalize)
+
+
+def run(study: GDComparisonStudy, root: str = "runs", *, force: bool = False, progress: bool = True) -> Path:
+    """Run ``study`` into its run directory and return the directory (reused when finished, unless ``force``)."""
+    out = run_directory(root, study.name, study.config_dict())
+    if is_finished(out) and not force:
+        print(f"{study.name}: finished run found in {out} (use --force to recompute)")
+        return out
+    if force and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", study.config_dict())
+    t_start = time.perf_counter()
+    task, k = study.train.task, study.baseline_steps
+    d, n = task.dim, task.n_context
+    tune_batch = sample(jax.random.PRNGKey(TUNE_SEED), task, study.tune_tasks)
+    eval_batch = sample(jax.random.PRNGKey(EVAL_SEED), task, study.eval_tasks)
+    metric_batch = eval_batch
+
+    # Baselines, tuned on their own tasks.
+    t0 = time.perf_counter()
+    tuned = tune_gd(tune_batch, k)
+    tune_seconds = time.perf_counter() - t0
+    gd = GD(eta=tuned.eta, steps=k)
+    predictors: dict[str, Any] = {f"GD ({k} step{'s' * (k > 1)})": gd}
+    hand = gd_params(d, tuned.eta, n_layers=k, n_context=n)
+    baselines: dict[str, Any] = {"gd_eta": tuned.eta, "gd_loss": M.loss(gd, eval_batch),
+                                 "hand_loss": M.loss(hand, eval_batch), "gd_tune_seconds": tune_seconds,
+                                 "least_squares_loss": M.loss(LeastSquares(), eval_batch),
+                                 "zero_loss": float(0.5 * np.mean(np.asarray(eval_batch.y_query) ** 2))}
+    gdpp = hand_pp = None
+    if study.gdpp:
+        tpp = tune_gdpp(tune_batch, k)
+        gdpp = GDPlusPlus(eta=tpp.params["eta"], gamma=tpp.params["gamma"], steps=k)
+        hand_pp = gdpp_params(d, gdpp.eta, gdpp.gamma, n_layers=k, n_context=n)
+        predictors[f"GD++ ({k} steps)"] = gdpp
+        baselines.update(gdpp_eta=gdpp.eta, gdpp_gamma=gdpp.gamma, gdpp_loss=M.loss(gdpp, eval_batch),
+                         hand_gdpp_loss=M.loss(hand_pp, eval_batch))
+
+    results: dict[str, Any] = {}
+    trained: dict[str, TransformerParams] = {}
+    losses: dict[str, np.ndarray] = {}
+    for label, model_cfg in study.models:
+        cfg = study.train.replace(model=model_cfg)
+        history_path = out / f"history_{label}.jsonl"
+        history = _read_history(history_path)
+
+        def on_chunk(step, params_S, _label=label, _hist=history, _path=history_path):
+            p0 = jax.tree.map(lambda a: a[0], params_S)
+            row = {"step": step, **_training_metrics(p0, gd, gdpp, metric_batch)}
+            _hist.append(row)
+            with open(_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+        result = train(cfg, out / f"ckpt_{label}", progress=progress, on_chunk=on_chunk)
+        _truncate_history(history_path, history, cfg.n_steps)
+        params = result.seed_params(0)
+        trained[label], losses[label] = params, result.losses
+        r = _evaluate_model(params, model_cfg, gd, hand, gdpp, eval_batch, d)
+        seed_losses = [M.loss(result.seed_params(i), eval_batch) for i in range(len(cfg.seeds))]
+        r.update(trained_loss=float(np.mean(seed_losses)), trained_loss_per_seed=seed_losses,
+                 train_seconds=result.train_seconds, tasks_per_second=result.tasks_per_second,
+                 resumed_from_step=result.resumed_from, final_train_loss=float(np.mean(result.losses[:, -50:])),
+                 history=history)
+        results[label] = r
+        predictors[f"trained {label}"] = params
+
+    ood = {}
+    if study.ood:
+        ood_predictors = {**predictors, "least squares": LeastSquares()}
+        for sweep in ("x_scale", "w_scale", "x_dist", "label_corruption"):
+            ood[sweep] = M.ood_sweep(ood_predictors, task, sweep, n_tasks=study.eval_tasks)
+
+    first = study.models[0][0]
+    metrics = {**baselines, **{k_: v for k_, v in results[first].items() if k_ != "history"},
+               "models": {lbl: {k_: v for k_, v in r.items() if k_ != "history"} for lbl, r in results.items()},
+               "ood": ood, "total_seconds": time.perf_counter() - t_start}
+    figures = _figures(out, study, baselines, results, trained, hand, hand_pp, losses, ood, d)
+    write_text_atomic(out / "report.md", _report(study, metrics, results, figures))
+    write_json(out / "metrics.json", {**metrics, "finished": True})
+    print(f"{study.name}: report written to {out / 'report.md'}")
+    return out
+
+
+def _training_metrics(params, gd, gdpp, batch) -> dict[str, float]:
+    row = {"loss": M.loss(params, batch), "preds_diff_gd": M.preds_diff(params, gd, batch),
+           "model_cos_gd": M.model_cos(params, gd, batch)}
+    if gdpp is not None:
+        row.update(preds_diff_gdpp=M.preds_diff(params, gdpp, batch), model_cos_gdpp=M.model_cos(params, gdpp, batch))
+    return row
+
+
+def _evaluate_model(params, model_cfg, gd, hand, gdpp, batch, d) -> dict[str, Any]:
+    cmp_gd = M.compare(params, gd, batch)
+    r: dict[str, Any] = {"preds_diff": cmp_gd["preds_diff"], "model_cos": cmp_gd["model_cos"],
+                         "model_diff": cmp_gd["model_diff"]}
+    if gdpp is not None:
+        c = M.compare(params, gdpp, batch)
+        r.update(preds_diff_gdpp=c["preds_diff"], model_cos_gdpp=c["model_cos"], model_diff_gdpp=c["model_diff"])
+    if model_cfg.n_layers > 1 or not _is_plain_lsa(model_cfg):
+        r["per_layer_losses"] = M.per_layer_losses(params, batch)
+    if _is_plain_lsa(model_cfg) and model_cfg.n_heads == 1 and model_cfg.n_layers == 1:
+        r.update(M.weight_alignment(params, hand, d))
+        r["interpolated_loss"] = M.loss(M.interpolate(params, hand, d), batch)
+    return r
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by an interruption
+            break
+    return rows
+
+
+def _truncate_history(path: Path, history: list[dict], n_steps: int) -> None:
+    """Keep one row per step, in order (a resumed run may have recorded steps after its last checkpoint twice)."""
+    by_step = {row["step"]: row for row in history if row["step"] <= n_steps}
+    history[:] = [by_step[s] for s in sorted(by_step)]
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in history))
+
+
+def _figures(out, study, baselines, results, trained, hand, hand_pp, losses, ood, d) -> dict[str, str]:
+    figs: dict[str, str] = {}
+    k = study.baseline_steps
+    base = {f"tuned GD, {k} step{'s' * (k > 1)}": baselines["gd_loss"]}
+    if "gdpp_loss" in baselines:
+        base[f"tuned GD++, {k} steps"] = baselines["gdpp_loss"]
+    for label, l in losses.items():
+        figs[f"loss_{label}"] = plotting.loss_curves(out / f"loss_{label}.png", l, base,
+                                                     title=f"{study.name}: {label}").name
+        hist = results[label]["history"]
+        if hist:
+            keys = [c for c in hist[0] if c != "step"]
+            figs[f"metrics_{label}"] = plotting.metrics_over_training(
+                out / f"metrics_{label}.png", [h["step"] for h in hist], {c: [h[c] for h in hist] for c in keys},
+                title=f"{label} vs tuned GD over training").name
+        params = trained[label]
+        layer = params.layers[0]
+        if "w_q" in layer and layer["w_q"].shape[0] == 1:
+            kq_h, pv_h = M.effective_products(hand)
+            mats = {}
+            for i in range(len(params.layers)):
+                kq, pv = M.effective_products(params, i)
+                mats[f"trained L{i + 1} W_K^T W_Q"] = np.asarray(kq)
+                mats[f"trained L{i + 1} P W_V"] = np.asarray(pv)
+            mats["GD construction W_K^T W_Q"] = np.asarray(kq_h)
+            mats["GD construction P W_V"] = np.asarray(pv_h)
+            if hand_pp is not None:
+                mats["GD++ construction P W_V"] = np.asarray(M.effective_products(hand_pp)[1])
+            figs[f"weights_{label}"] = plotting.weight_heatmaps(out / f"weights_{label}.png", mats).name
+        if "per_layer_losses" in results[label]:
+            curves = {f"trained {label}": results[label]["per_layer_losses"]}
+            curves["hand GD construction"] = M.per_layer_losses(hand, _eval_like(study))
+            if hand_pp is not None:
+                curves["hand GD++ construction"] = M.per_layer_losses(hand_pp, _eval_like(study))
+            figs[f"layers_{label}"] = plotting.per_layer_losses(out / f"layers_{label}.png", curves).name
+    if ood:
+        figs["ood"] = plotting.ood_curves(out / "ood.png", ood).name
+    return figs
+
+
+@functools.lru_cache(maxsize=4)
+def _eval_like_cached(task, n):
+    return sample(jax.random.PRNGKey(EVAL_SEED), task, n)
+
+
+def _eval_like(study):
+    return _eval_like_cached(study.train.task, study.eval_tasks)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _report(study: GDComparisonStudy, metrics: dict, results: dict, figures: dict[str, str]) -> str:
+    t = study.train
+    k = study.baseline_steps
+    lines = [f"# {study.name}", "", study.description, "",
+             f"Tasks: d = {t.task.dim}, N = {t.task.n_context}, x ~ {t.task.x_dist} (half-width {t.task.x_range}), "
+             f"w ~ N(0, {t.task.w_scale}^2 I), noise {t.task.noise}. Training: {t.n_steps} steps of {t.batch_size} "
+             f"tasks, AdamW lr {t.lr}, betas ({t.b1}, {t.b2}), clip {t.clip_norm}, seeds {list(t.seeds)}. "
+             f"All losses are half-MSE on the query of {study.eval_tasks} held-out tasks; step sizes were tuned on "
+             f"{study.tune_tasks} other tasks.", "", "## Baselines", "",
+             "| learner | loss | hyper-parameters |", "|---|---|---|",
+             f"| tuned GD, {k} step(s) | {_fmt(metrics['gd_loss'])} | eta = {_fmt(metrics['gd_eta'])} |",
+             f"| hand-constructed LSA (GD) | {_fmt(metrics['hand_loss'])} | same eta |"]
+    if "gdpp_loss" in metrics:
+        lines += [f"| tuned GD++, {k} step(s) | {_fmt(metrics['gdpp_loss'])} | eta = {_fmt(metrics['gdpp_eta'])}, "
+                  f"gamma = {_fmt(metrics['gdpp_gamma'])} |",
+                  f"| hand-constructed LSA (GD++) | {_fmt(metrics['hand_gdpp_loss'])} | same |"]
+    lines += [f"| least squares | {_fmt(metrics['least_squares_loss'])} | |",
+              f"| zero predictor | {_fmt(metrics['zero_loss'])} | |", "", "## Trained models", ""]
+    cols = ["trained_loss", "preds_diff", "model_cos", "model_diff"]
+    if "gdpp_loss" in metrics:
+        cols += ["preds_diff_gdpp", "model_cos_gdpp"]
+    cols += ["kq_cos", "pv_cos", "beta", "interpolated_loss", "train_seconds", "tasks_per_second"]
+    cols = [c for c in cols if any(c in r for r in results.values())]
+    lines.append(M.metric_table({lbl: r for lbl, r in results.items()}, cols))
+    lines.append(f"Relative to tuned GD: " + ", ".join(
+        f"{lbl} loss / GD loss = {r['trained_loss'] / metrics['gd_loss']:.3f}" for lbl, r in results.items()))
+    if "gdpp_loss" in metrics:
+        lines.append("; relative to tuned GD++: " + ", ".join(
+            f"{lbl} {r['trained_loss'] / metrics['gdpp_loss']:.3f}" for lbl, r in results.items()))
+    lines.append("")
+    for lbl, r in results.items():
+        if "per_layer_losses" in r:
+            lines.append(f"Per-layer losses of {lbl}: " + ", ".join(f"{v:.4g}" for v in r["per_layer_losses"]))
+    if metrics.get("ood"):
+        lines += ["", "## Out of distribution", ""]
+        for sweep, sw in metrics["ood"].items():
+            rows = {name: {str(v): l for v, l in zip(sw["values"], ls)} for name, ls in sw["losses"].items()}
+            lines += [f"**{sweep}**", "", M.metric_table(rows, [str(v) for v in sw["values"]])]
+    lines += ["", "## Figures", ""] + [f"![{k_}]({v})" for k_, v in figures.items()]
+    lines += ["", f"Total time: {metrics['total_seconds']:.1f} s.", ""]
+    return "\n".join(lines)
+
+
+def load_metrics(run_dir: str | Path) -> dict:
+    return read_json(Path(run_dir) / "metrics.json")

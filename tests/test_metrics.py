@@ -1,0 +1,97 @@
+"""Comparison metrics on cases with known answers."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from iclgd_synth import GD, TaskConfig, gd_params, gd_weights, lsa_predict, sample_tasks
+from iclgd_synth import metrics as M
+
+
+@pytest.fixture()
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture()
+def batch(x64):
+    return sample_tasks(jax.random.PRNGKey(0), 256, 9, 6, dtype=jnp.float64)
+
+
+def test_hand_weights_vs_gd_give_cos_one_and_zero_diffs(batch):
+    hand = gd_params(6, 2.5, n_layers=2, n_context=9)
+    gd = GD(eta=2.5, steps=2)
+    r = M.compare(hand, gd, batch)
+    assert r["model_cos"] == pytest.approx(1.0, abs=1e-12)
+    assert r["preds_diff"] < 1e-12
+    assert r["model_diff"] < 1e-12
+    assert r["loss_a"] == pytest.approx(r["loss_b"], rel=1e-12)
+
+
+def test_sensitivities_of_gd_are_its_implicit_weights(batch):
+    s = M.sensitivities(GD(eta=1.3, steps=3), batch)
+    np.testing.assert_allclose(s, gd_weights(batch, 1.3, 3)[:, 0], atol=1e-12)
+
+
+def test_model_cos_of_a_predictor_and_its_negation_is_minus_one(batch):
+    gd = GD(eta=1.0)
+    assert M.model_cos(gd, lambda b: -gd(b), batch) == pytest.approx(-1.0, abs=1e-12)
+    assert M.preds_diff(gd, lambda b: -gd(b), batch) == pytest.approx(
+        float(jnp.mean(2 * jnp.abs(gd(batch)))), rel=1e-12)
+
+
+def test_vector_output_sensitivities_have_one_row_per_output(x64):
+    b = sample_tasks(jax.random.PRNGKey(1), 32, 8, 5, out_dim=3, dtype=jnp.float64)
+    s = M.sensitivities(GD(eta=0.7, steps=2), b)
+    assert s.shape == (32, 3, 5)
+    np.testing.assert_allclose(s, gd_weights(b, 0.7, 2), atol=1e-12)
+
+
+def test_alignment_of_rescaled_construction_is_one_and_beta_recovers_the_scale(batch):
+    hand = gd_params(6, 2.0, n_context=9)
+    layer = hand.layers[0]
+    scaled = hand.replace(layers=({**layer, "w_q": 3.0 * layer["w_q"], "w_p": layer["w_p"] / 3.0},))
+    a = M.weight_alignment(scaled, hand, dim=6)
+    assert a["kq_cos"] == pytest.approx(1.0, abs=1e-12) and a["pv_cos"] == pytest.approx(1.0, abs=1e-12)
+    assert a["beta"] == pytest.approx(3.0, rel=1e-12)
+    # Same function, so the interpolation with the construction has the construction's loss.
+    assert M.loss(M.interpolate(scaled, hand, 6), batch) == pytest.approx(M.loss(hand, batch), rel=1e-10)
+
+
+def test_interpolation_endpoints_are_the_two_models(batch):
+    hand = gd_params(6, 2.0, n_context=9)
+    other = gd_params(6, 1.0, n_context=9)
+    np.testing.assert_allclose(lsa_predict(M.interpolate(other, hand, 6, alpha=1.0), batch),
+                               lsa_predict(hand, batch), atol=1e-12)
+    np.testing.assert_allclose(lsa_predict(M.interpolate(other, hand, 6, alpha=0.0), batch),
+                               lsa_predict(other, batch), atol=1e-12)
+
+
+def test_per_layer_losses_of_hand_weights_are_the_gd_step_losses(batch):
+    hand = gd_params(6, 2.0, n_layers=3, n_context=9)
+    per_layer = M.per_layer_losses(hand, batch)
+    expected = [M.loss(GD(eta=2.0, steps=k), batch) for k in (1, 2, 3)]
+    np.testing.assert_allclose(per_layer, expected, rtol=1e-10)
+
+
+def test_ood_sweep_at_the_training_value_equals_the_in_distribution_loss():
+    task = TaskConfig(dim=5, n_context=7)
+    gd = GD(eta=3.0)
+    out = M.ood_sweep({"gd": gd}, task, "x_scale", values=(1.0, 2.0), n_tasks=300, seed=5)
+    from iclgd_synth.tasks import sample
+
+    base = sample(jax.random.PRNGKey(5), task, 300)
+    assert out["values"] == [1.0, 2.0]
+    assert out["losses"]["gd"][0] == pytest.approx(M.loss(gd, base), rel=1e-6)
+    assert out["losses"]["gd"][1] > out["losses"]["gd"][0]
+    with pytest.raises(ValueError, match="sweep"):
+        M.ood_sweep({"gd": gd}, task, "nope")
+
+
+def test_as_predictor_rejects_non_predictors():
+    with pytest.raises(TypeError, match="predictor"):
+        M.as_predictor(3.0)
