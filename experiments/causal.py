@@ -1,0 +1,12 @@
+"""Study 'causal': layer causality: standard vs layer-causal GD.
+
+Same as `iclgd run causal`; extra arguments are passed on (--quick, --force, --root DIR, --steps N, --seeds ...).
+The logic lives in the library (iclgd_synth.studies); this script only forwards the command line.
+"""
+
+import sys
+
+from iclgd_synth.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["run", "causal", *sys.argv[1:]]))
