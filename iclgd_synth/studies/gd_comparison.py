@@ -174,7 +174,7 @@ def _evaluate_model(params, model_cfg, gd, hand, gdpp, batch, d) -> dict[str, An
     if gdpp is not None:
         c = M.compare(params, gdpp, batch)
         r.update(preds_diff_gdpp=c["preds_diff"], model_cos_gdpp=c["model_cos"], model_diff_gdpp=c["model_diff"])
-    if model_cfg.n_layers > 1 or not _is_plain_lsa(model_cfg):
+    if model_cfg.n_layers > 1:
         r["per_layer_losses"] = M.per_layer_losses(params, batch)
     if _is_plain_lsa(model_cfg) and model_cfg.n_heads == 1 and model_cfg.n_layers == 1:
         r.update(M.weight_alignment(params, hand, d))
@@ -280,11 +280,12 @@ def _report(study: GDComparisonStudy, metrics: dict, results: dict, figures: dic
     cols += ["kq_cos", "pv_cos", "beta", "interpolated_loss", "train_seconds", "tasks_per_second"]
     cols = [c for c in cols if any(c in r for r in results.values())]
     lines.append(M.metric_table({lbl: r for lbl, r in results.items()}, cols))
-    lines.append(f"Relative to tuned GD: " + ", ".join(
-        f"{lbl} loss / GD loss = {r['trained_loss'] / metrics['gd_loss']:.3f}" for lbl, r in results.items()))
+    rel = "Loss relative to tuned GD: " + ", ".join(
+        f"{lbl} {r['trained_loss'] / metrics['gd_loss']:.3f}" for lbl, r in results.items())
     if "gdpp_loss" in metrics:
-        lines.append("; relative to tuned GD++: " + ", ".join(
-            f"{lbl} {r['trained_loss'] / metrics['gdpp_loss']:.3f}" for lbl, r in results.items()))
+        rel += "; relative to tuned GD++: " + ", ".join(
+            f"{lbl} {r['trained_loss'] / metrics['gdpp_loss']:.3f}" for lbl, r in results.items())
+    lines.append(rel + ".")
     lines.append("")
     for lbl, r in results.items():
         if "per_layer_losses" in r:
