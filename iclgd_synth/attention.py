@@ -13,6 +13,14 @@ reference the tests compare against.
 
 All functions return the update (not the new tokens) for every token, or for the query token alone when
 ``query_only`` (the read-out needs nothing else, which makes the last layer cheap).
+
+*Momentum attention* ("Why Can GPT Learn In-Context?", momentum attention) adds to the update of token t a term over
+the keys i strictly before t, for a decay beta (:func:`momentum_update`):
+
+- ``kind="values"`` (the paper's form): sum_h P_h W_V,h sum_{i<t} beta^(t-i) e_i, i.e. decayed values alone;
+- ``kind="dual"`` (momentum on the dual form's per-key terms, linear attention only):
+  sum_h P_h W_V,h sum_{i<t} (beta + ... + beta^(t-i)) e_i e_i^T W_K,h^T W_Q,h e_t, so that key i enters token t's
+  linear attention with weight 1 + beta + ... + beta^(t-i): heavy-ball momentum on the prefix-sum state.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import jax.numpy as jnp
 from iclgd_synth.shapes import Array
 
 FORMS = ("auto", "dual", "quadratic")
+MOMENTUM_KINDS = ("values", "dual")
 
 
 def key_mask(n_tokens: int, n_context_tokens: int, include_query: bool) -> Array:
@@ -115,3 +124,35 @@ def _scores_and_values(tokens_BxTxD, layer, keys_T, causal, query_only):
 def _combine(weights_BxHxQxT, v_BxHxTxV, layer):
     out_BxHxQxV = jnp.einsum("bhqt,bhtv->bhqv", weights_BxHxQxT, v_BxHxTxV)
     return jnp.einsum("hdv,bhqv->bqd", layer["w_p"], out_BxHxQxV)
+
+
+def momentum_weights(n_tokens: int, keys_T: Array, beta, kind: str = "values", query_only: bool = False) -> Array:
+    """Weight (T_q, T) of key i in token t's momentum term: beta^(t-i) ("values") or beta + ... + beta^(t-i)
+    ("dual") for keys i < t, else 0."""
+    rows = jnp.arange(n_tokens)[-1:] if query_only else jnp.arange(n_tokens)
+    lag = rows[:, None] - jnp.arange(n_tokens)[None, :]
+    powers = jnp.asarray(beta, jnp.result_type(float)) ** jnp.arange(n_tokens)
+    table = powers if kind == "values" else jnp.cumsum(powers) - 1.0
+    weights = table[jnp.clip(lag, 0, n_tokens - 1)]
+    return jnp.where((lag > 0) & keys_T[None, :], weights, 0.0)
+
+
+def momentum_update(tokens_BxTxD: Array, layer: dict, keys_T: Array, beta, *, kind: str = "values",
+                    causal: bool = False, normalize: bool = False, query_only: bool = False) -> Array:
+    """The momentum-attention term (see the module docstring), added to the attention update of every token (or the
+    query alone). With ``normalize`` it is divided by the same key count as the linear attention sum."""
+    t = tokens_BxTxD.shape[1]
+    w_QxT = momentum_weights(t, keys_T, beta, kind, query_only).astype(tokens_BxTxD.dtype)
+    kq_HxDxD, pv_HxDxD = head_products(layer)
+    if kind == "values":
+        s_BxQxD = jnp.einsum("qt,btd->bqd", w_QxT, tokens_BxTxD)
+        update = jnp.einsum("hde,bqe->bqd", pv_HxDxD, s_BxQxD)
+    else:
+        queries_BxQxD = tokens_BxTxD[:, -1:] if query_only else tokens_BxTxD
+        scores_BxHxQxT = jnp.einsum("btd,hde,bqe->bhqt", tokens_BxTxD, kq_HxDxD, queries_BxQxD)
+        weighted = scores_BxHxQxT * w_QxT
+        update = jnp.einsum("hde,bhqt,bte->bqd", pv_HxDxD, weighted, tokens_BxTxD)
+    if normalize:
+        count = visible(t, keys_T, causal, query_only).sum(-1)[:, None]
+        update = update / jnp.maximum(count, 1).astype(update.dtype)
+    return update

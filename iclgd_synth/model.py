@@ -48,6 +48,10 @@ class Arch:
         weights do not depend on N. Default False (the reference paper keeps 1/N inside P).
       clip: clip token entries to [-clip, clip] after each layer (deep models in the reference paper: 10). None: off.
       layout: token layout, "concat" or "interleaved". Default "concat".
+      momentum: decay beta of momentum attention ("Why Can GPT Learn In-Context?"): token t's update also gets a
+        beta-decayed sum over the keys i < t (see :func:`iclgd_synth.attention.momentum_update`). None: off (default).
+      momentum_kind: "values" (the paper's: sum_{i<t} beta^(t-i) P W_V e_i) or "dual" (linear attention only: key
+        i < t weighted 1 + beta + ... + beta^(t-i) in token t's linear attention). Default "values".
     """
 
     n_loops: int = 1
@@ -57,6 +61,8 @@ class Arch:
     normalize: bool = False
     clip: float | None = None
     layout: str = "concat"
+    momentum: float | None = None
+    momentum_kind: str = "values"
 
     def __post_init__(self):
         check_int("n_loops", self.n_loops, min_value=1)
@@ -64,6 +70,11 @@ class Arch:
         check_choice("layout", self.layout, LAYOUTS)
         if self.clip is not None:
             check_float("clip", self.clip, min_value=0.0, strict_min=True)
+        if self.momentum is not None:
+            check_float("momentum", self.momentum, min_value=0.0, max_value=1.0)
+        check_choice("momentum_kind", self.momentum_kind, attn.MOMENTUM_KINDS)
+        if self.momentum is not None and self.momentum_kind == "dual" and self.attention != "linear":
+            raise ValueError("momentum_kind='dual' is defined for linear attention only (attention='linear')")
 
 
 @flax.struct.dataclass
@@ -100,7 +111,7 @@ class ModelConfig:
       key_size: Kq per head; None means D. Default None.
       value_size: Kv per head; None means D. Default None.
       attention: "linear" or "softmax". Default "linear".
-      causal, include_query, normalize, clip, layout: see :class:`Arch`.
+      causal, include_query, normalize, clip, layout, momentum, momentum_kind: see :class:`Arch`.
       layer_norm: pre-LayerNorm before the attention (and the MLP). Default False.
       mlp: add a ReLU MLP block after each attention. Default False.
       mlp_width: hidden width F of that MLP; None means 4 D. Default None.
@@ -125,6 +136,8 @@ class ModelConfig:
     mlp: bool = False
     mlp_width: int | None = None
     init_scale: float = 0.002
+    momentum: float | None = None
+    momentum_kind: str = "values"
 
     def __post_init__(self):
         check_int("dim", self.dim, min_value=1)
@@ -143,7 +156,8 @@ class ModelConfig:
 
     def arch(self) -> Arch:
         return Arch(n_loops=self.n_layers if self.recurrent else 1, attention=self.attention, causal=self.causal,
-                    include_query=self.include_query, normalize=self.normalize, clip=self.clip, layout=self.layout)
+                    include_query=self.include_query, normalize=self.normalize, clip=self.clip, layout=self.layout,
+                    momentum=self.momentum, momentum_kind=self.momentum_kind)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -190,6 +204,10 @@ def apply_layer(tokens_BxTxD: Array, layer: dict, arch: Arch, keys_T: Array, *, 
     h = layer_norm(tokens_BxTxD, layer["ln_attn"]) if "ln_attn" in layer else tokens_BxTxD
     update = attn.attention_update(h, layer, keys_T, kind=arch.attention, causal=arch.causal,
                                    normalize=arch.normalize, query_only=query_only, form=form)
+    if arch.momentum is not None:
+        update = update + attn.momentum_update(h, layer, keys_T, arch.momentum, kind=arch.momentum_kind,
+                                               causal=arch.causal, query_only=query_only,
+                                               normalize=arch.normalize and arch.attention == "linear")
     out = (tokens_BxTxD[:, -1:] if query_only else tokens_BxTxD) + update
     if "mlp" in layer:
         m, z = layer["mlp"], layer_norm(out, layer["ln_mlp"]) if "ln_mlp" in layer else out
