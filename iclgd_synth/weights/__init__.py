@@ -21,8 +21,9 @@ from iclgd_synth.weights.loaders import (
 )
 from iclgd_synth.weights.collect import SourceStats, collect_stats
 from iclgd_synth.weights.report import weights_report
+from iclgd_synth.weights.sources import HandSpec, hand_source, synthetic_source, trained_source
 
 __all__ = [
-    "BUILTIN_SOURCES", "LayerWeights", "ModelInfo", "SourceStats", "WeightSource", "collect_stats", "open_source",
-    "params_source", "weights_report",
+    "BUILTIN_SOURCES", "HandSpec", "LayerWeights", "ModelInfo", "SourceStats", "WeightSource", "collect_stats",
+    "hand_source", "open_source", "params_source", "synthetic_source", "trained_source", "weights_report",
 ]
