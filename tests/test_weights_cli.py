@@ -104,7 +104,8 @@ def test_library_report_with_in_memory_sources(tmp_path):
 
 def test_table_formatting():
     assert fmt(float("nan")) == "n/a" and fmt(0.9997) == "0.999700" and fmt(1 - 6e-8) == "1-6.00e-08"
-    assert fmt(1.5e-5) == "1.50e-05" and fmt(1 - 5e-16) == "1"
+    assert fmt(1.5e-5) == "1.50e-05" and fmt(1 - 5e-16) == "1" and fmt(-1 - 5e-16) == "-1"
+    assert fmt(7.19) == "7.19" and fmt(-1.162) == "-1.162" and fmt(4092.0) == "4092" and fmt(3.3e5) == "3.30e+05"
     assert fmt(float("inf")) == "+inf" and fmt(0) == "0" and fmt(0.25) == "0.25"
     rows = [{"matrix": "W_Q", "stat": "zero", "llm": {"A": {"n": 3, "p1": 0.0, "p99": 0.1}},
              "sources": {"h": {"value": 0.9, "positions": {"A": {"inside": False, "percentile": 100.0, "z": 9.0}}}}}]

@@ -124,7 +124,7 @@ def fmt(v: Any) -> str:
         return "+inf" if v > 0 else "-inf"
     if v == 0:
         return "0"
-    if 1 - abs(v) < 1e-12:  # equal to +-1 up to rounding
+    if abs(1 - abs(v)) < 1e-12:  # equal to +-1 up to rounding
         return "-1" if v < 0 else "1"
     if 0.9999 < abs(v) < 1:  # e.g. the zero fraction 1 - 1/4096^2 of a hand-constructed W_V
         return f"{'-' if v < 0 else ''}1-{1 - abs(v):.2e}"
