@@ -12,11 +12,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write and close a figure; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -41,7 +42,7 @@ def loss_curves(path, losses_SxT: np.ndarray, baselines: Mapping[str, float], *,
     ax.set_ylabel("half-MSE on the query")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def metrics_over_training(path, steps: Sequence[int], series: Mapping[str, Sequence[float]], *,
@@ -54,7 +55,7 @@ def metrics_over_training(path, steps: Sequence[int], series: Mapping[str, Seque
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def weight_heatmaps(path, matrices: Mapping[str, np.ndarray], *, title: str = "") -> Path:
@@ -71,7 +72,7 @@ def weight_heatmaps(path, matrices: Mapping[str, np.ndarray], *, title: str = ""
         fig.colorbar(im, ax=ax, fraction=0.046)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def ood_curves(path, sweeps: Mapping[str, Mapping], *, title: str = "out of distribution") -> Path:
@@ -92,7 +93,7 @@ def ood_curves(path, sweeps: Mapping[str, Mapping], *, title: str = "out of dist
     axes[0][0].set_ylabel("half-MSE")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def per_layer_losses(path, curves: Mapping[str, Sequence[float]], *, title: str = "loss after each layer / step"
@@ -105,4 +106,4 @@ def per_layer_losses(path, curves: Mapping[str, Sequence[float]], *, title: str 
     ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from iclgd_synth.plotting import save_figure  # noqa: E402
 from iclgd_synth.weights.collect import SourceStats  # noqa: E402
 
 LINESTYLES = {"llm": "-", "synthetic": "-", "hand": "--", "trained": ":"}
@@ -19,12 +20,7 @@ SPECTRUM_PANELS = ("W_Q", "W_V", "W_O", "W_K^T W_Q", "W_O W_V")
 
 
 def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def _style(i: int, s: SourceStats) -> dict:
