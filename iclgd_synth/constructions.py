@@ -43,8 +43,11 @@ def gd_layer(dim: int, eta: Any, *, n_context: int | None = None, out_dim: int =
     w_kq = jnp.zeros((dd, dd), dtype).at[:d, :d].set(jnp.eye(d, dtype=dtype))
     w_v = jnp.zeros((dd, dd), dtype).at[d:, d:].set(-jnp.eye(o, dtype=dtype))
     if w0 is not None:
-        w0 = jnp.asarray(w0, dtype).reshape(o, d)
-        w_v = w_v.at[d:, :d].set(w0)
+        w0 = jnp.asarray(w0, dtype)
+        if w0.shape not in ((o, d),) + (((d,),) if o == 1 else ()):
+            raise ValueError(f"w0 must have shape {'(d,) or ' if o == 1 else ''}(d_out, d) = {(o, d)}, "
+                             f"got {tuple(w0.shape)}")
+        w_v = w_v.at[d:, :d].set(w0.reshape(o, d))
     w_p = jnp.zeros((dd, dd), dtype).at[d:, d:].set(jnp.asarray(eta, dtype) * scale * jnp.eye(o, dtype=dtype))
     if _is_traced(gamma) or np.any(np.asarray(gamma) != 0):
         w_v = w_v.at[:d, :d].set(jnp.eye(d, dtype=dtype))
@@ -124,15 +127,14 @@ def from_products(kq: Array, pv: Array, *, arch: Arch = Arch()) -> TransformerPa
 
 def _per_layer(name: str, value: Any, n_layers: int, recurrent: bool) -> list:
     n_layers = check_int("n_layers", n_layers, min_value=1)
-    if _is_traced(value):
-        return [value] * (1 if recurrent else n_layers)
-    arr = np.asarray(check_float(name, value))
-    if arr.ndim == 0:
+    # A traced value (under jit / vmap) has a known shape though not a value: per-layer step sizes work there too.
+    shape = tuple(np.shape(value)) if _is_traced(value) else np.asarray(check_float(name, value)).shape
+    if shape == ():
         return [value] * (1 if recurrent else n_layers)
     if recurrent:
-        raise ValueError(f"{name} must be a scalar for a recurrent model (one set of weights), got shape {arr.shape}")
-    if arr.shape != (n_layers,):
-        raise ValueError(f"{name} must be a scalar or have shape (n_layers,) = ({n_layers},), got {arr.shape}")
+        raise ValueError(f"{name} must be a scalar for a recurrent model (one set of weights), got shape {shape}")
+    if shape != (n_layers,):
+        raise ValueError(f"{name} must be a scalar or have shape (n_layers,) = ({n_layers},), got {shape}")
     return [value[i] for i in range(n_layers)]
 
 

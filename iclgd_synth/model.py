@@ -257,9 +257,7 @@ def predict(params: TransformerParams, batch: TaskBatch, *, form: str = "auto", 
     """
     check_params(params)
     batch = validate_batch(batch)
-    if params.token_dim != batch.dim + batch.out_dim:
-        raise ValueError(f"params expect tokens of size D = {params.token_dim}, but the batch has d = {batch.dim} "
-                         f"and d_out = {batch.out_dim} (D = d + d_out = {batch.dim + batch.out_dim})")
+    check_token_dim(params, batch)
     dtype = jnp.result_type(batch.x.dtype, *jax.tree.leaves(params))
     tokens = build_tokens(jax.tree.map(lambda a: a.astype(dtype), batch), params.arch.layout, w0)
     out = forward(params, tokens, n_context_tokens(batch.n_context, params.arch.layout), form=form, query_only=True)
@@ -274,9 +272,17 @@ def layer_predictions(params: TransformerParams, batch: TaskBatch, *, form: str 
     """The read-out after every layer application, (K, B) (or (K, B, d_out)): per-layer losses and updates."""
     check_params(params)
     batch = validate_batch(batch)
+    check_token_dim(params, batch)
     tokens = build_tokens(batch, params.arch.layout)
     outs = forward(params, tokens, n_context_tokens(batch.n_context, params.arch.layout), form=form, return_all=True)
     return jnp.stack([read_out(o, batch.dim, batch.vector_output) for o in outs])
+
+
+def check_token_dim(params: TransformerParams, batch: TaskBatch) -> None:
+    """Raise ValueError unless the parameters' token size D equals the batch's d + d_out."""
+    if params.token_dim != batch.dim + batch.out_dim:
+        raise ValueError(f"params expect tokens of size D = {params.token_dim}, but the batch has d = {batch.dim} "
+                         f"and d_out = {batch.out_dim} (D = d + d_out = {batch.dim + batch.out_dim})")
 
 
 def check_params(params: Any) -> None:
