@@ -1,0 +1,51 @@
+"""Shared fixtures for the test suite.
+
+- ``x64``: float64 as JAX's default inside one test, restored afterwards, so the theoretical equivalences are checked
+  at 1e-10 while every other test keeps the float32 defaults.
+- A hypothesis profile with 10 examples per property, derandomized (the same examples on every run, so CI is
+  reproducible), and no deadline (the first call for a new shape pays JIT compilation, which would trip hypothesis'
+  per-example deadline). Set ``HYPOTHESIS_PROFILE=thorough`` for a 200-example random search.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+
+# Function-scoped fixtures (``x64``) are safe with @given: they set state that holds for every example of the test.
+# No "explain" phase: it reruns a failing example many times, and every run of a new shape pays a compilation.
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], print_blob=True,
+               phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink])
+settings.register_profile("iclgd", max_examples=10, derandomize=True, **_COMMON)
+settings.register_profile("thorough", max_examples=200, **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "iclgd"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_x64():
+    """Keep tests isolated: a test (or a CLI main it calls) that flips jax_enable_x64 does not leak the change."""
+    previous = bool(jax.config.jax_enable_x64)
+    yield
+    if bool(jax.config.jax_enable_x64) != previous:
+        jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.fixture
+def x64():
+    """Enable float64 for the duration of one test; restore the previous setting afterwards."""
+    previous = bool(jax.config.jax_enable_x64)
+    jax.config.update("jax_enable_x64", True)
+    try:
+        assert jnp.zeros(()).dtype == jnp.float64
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.fixture
+def key():
+    return jax.random.PRNGKey(0)

@@ -1,0 +1,334 @@
+"""Explicit learners (iclgd_synth.learners): each against its defining formula, the limits that tie them together,
+order (in)sensitivity, step-size tuning, and clear errors."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from hypothesis import given
+from hypothesis import strategies as st
+
+import iclgd_synth as ic
+from iclgd_synth.learners.dmmse import dmmse_weights
+from iclgd_synth.learners.gd import gd_weights
+from iclgd_synth.learners.least_squares import least_squares_weights, ridge_weights
+from iclgd_synth.learners.momentum import momentum_gd_weights
+from iclgd_synth.learners.tuning import gd_loss_polynomial
+
+
+def _max_abs(a, b) -> float:
+    return float(jnp.max(jnp.abs(jnp.asarray(a) - jnp.asarray(b))))
+
+
+def _gaussian_batch(seed: int, b: int, n: int, d: int, out_dim: int = 1, noise: float = 0.0) -> ic.TaskBatch:
+    """x ~ N(0, I), w ~ N(0, I), y = w . x + noise, drawn with NumPy (float64; no compile per shape)."""
+    rng = np.random.default_rng(seed)
+    x, xq, w = rng.normal(size=(b, n, d)), rng.normal(size=(b, d)), rng.normal(size=(b, out_dim, d))
+    y = np.einsum("bod,bnd->bno", w, x) + noise * rng.normal(size=(b, n, out_dim))
+    yq = np.einsum("bod,bd->bo", w, xq) + noise * rng.normal(size=(b, out_dim))
+    if out_dim == 1:
+        y, yq, w = y[..., 0], yq[..., 0], w[:, 0]
+    return ic.TaskBatch(x=x, y=y, x_query=xq, y_query=yq, w=w)
+
+
+# ---------------------------------------------------------------------------------------------- least squares and ridge
+
+@given(d=st.integers(1, 6), extra=st.integers(0, 6), out_dim=st.integers(1, 2), seed=st.integers(0, 2**16))
+def test_least_squares_is_exact_on_noiseless_tasks_with_n_at_least_d(x64, d, extra, out_dim, seed):
+    batch = _gaussian_batch(seed, 8, d + extra, d, out_dim)
+    w = jax.jit(least_squares_weights)(batch)
+    true_w = batch.w if out_dim > 1 else batch.w[:, None]
+    assert _max_abs(w, true_w) < 1e-8
+    pred = jax.jit(ic.least_squares_predict)(batch)
+    assert _max_abs(pred, batch.y_query) < 1e-8
+
+
+def test_least_squares_is_the_minimum_norm_interpolant_when_n_is_below_d(x64):
+    batch = _gaussian_batch(1, 16, 3, 7)
+    w = np.asarray(least_squares_weights(batch))[:, 0]
+    expected = np.einsum("bdn,bn->bd", np.linalg.pinv(np.asarray(batch.x)), np.asarray(batch.y))
+    assert np.max(np.abs(w - expected)) < 1e-10
+    assert np.max(np.abs(np.einsum("bnd,bd->bn", batch.x, w) - batch.y)) < 1e-10  # fits the context exactly
+    assert np.all(np.linalg.norm(w, axis=1) <= np.linalg.norm(batch.w, axis=1) + 1e-12)  # no longer than the truth
+    assert np.max(np.abs(w - np.asarray(batch.w))) > 0.1  # and it is not the truth: N < d cannot identify w
+
+
+def test_ridge_tends_to_least_squares_as_lam_goes_to_zero(x64):
+    batch = _gaussian_batch(2, 32, 12, 5, noise=0.3)
+    ls = np.asarray(ic.least_squares_predict(batch))
+    gaps = [_max_abs(jax.jit(ic.ridge_predict)(batch, lam), ls) for lam in (1e-1, 1e-3, 1e-5, 1e-7, 1e-9)]
+    assert all(a > b for a, b in zip(gaps, gaps[1:]))
+    assert gaps[0] > 1e-3 and gaps[-1] < 1e-7
+
+
+@pytest.mark.parametrize("out_dim", [1, 3])
+def test_ridge_equals_the_bayes_posterior_mean(x64, out_dim):
+    # w ~ N(0, tau^2 I), y = W x + N(0, sigma^2): E[w | X, y] = (X^T X / sigma^2 + I / tau^2)^-1 X^T y / sigma^2.
+    tau, sigma = 1.5, 0.4
+    batch = _gaussian_batch(3, 16, 6, 4, out_dim, noise=sigma)
+    x, y = np.asarray(batch.x), np.asarray(batch.labels_BxNxO())
+    precision = np.einsum("bnd,bne->bde", x, x) / sigma**2 + np.eye(4) / tau**2
+    posterior = np.linalg.solve(precision, np.einsum("bnd,bno->bdo", x, y) / sigma**2)  # (B, d, O)
+    w = ridge_weights(batch, sigma**2 / tau**2)
+    chex.assert_shape(w, (16, out_dim, 4))
+    assert _max_abs(w, np.swapaxes(posterior, 1, 2)) < 1e-10
+
+
+def test_bayes_ridge_beats_mis_specified_ridge_and_least_squares():
+    key = jax.random.PRNGKey(3)
+    batch = ic.sample_tasks(key, 4000, 16, 8, x_dist="normal", noise=0.5)  # the task-diversity paper's setting
+    loss = lambda pred: float(ic.half_mse(pred, batch.y_query))
+    bayes = loss(ic.ridge_predict(batch, 0.25))
+    assert bayes < loss(ic.ridge_predict(batch, 2.5))
+    assert bayes < loss(ic.ridge_predict(batch, 0.025))
+    assert bayes < loss(ic.least_squares_predict(batch))
+
+
+# ---------------------------------------------------------------------------------------------------------------- dMMSE
+
+def test_dmmse_puts_all_weight_on_the_true_task_when_noise_is_small_and_the_task_is_from_the_pool(x64, key):
+    config = ic.TaskConfig(dim=5, n_context=8, pool_size=16, noise=0.01, pool_seed=4)
+    batch = jax.tree.map(np.asarray, ic.sample(key, config, 64))
+    pool = ic.task_pool(config)
+    w = jax.jit(dmmse_weights)(batch, pool, 0.01)
+    assert _max_abs(w[:, 0], batch.w) < 1e-10
+    clean_query = np.einsum("bd,bd->b", batch.w, batch.x_query)
+    assert _max_abs(jax.jit(ic.dmmse_predict)(batch, pool, 0.01), clean_query) < 1e-10
+
+
+def test_dmmse_with_huge_noise_is_the_pool_mean(x64, key):
+    config = ic.TaskConfig(dim=5, n_context=8, pool_size=16, noise=0.1)
+    batch, pool = ic.sample(key, config, 8), ic.task_pool(config)
+    assert _max_abs(jax.jit(dmmse_weights)(batch, pool, 1e6), np.broadcast_to(pool.mean(0), (8, 1, 5))) < 1e-8
+
+
+def test_dmmse_equals_a_direct_posterior_computation(x64):
+    rng = np.random.default_rng(5)
+    pool = rng.normal(size=(6, 2, 3))
+    batch = _gaussian_batch(5, 10, 4, 3, out_dim=2, noise=0.5)
+    x, y = np.asarray(batch.x), np.asarray(batch.y)
+    log_lik = np.stack([-np.sum((y - np.einsum("od,bnd->bno", wm, x)) ** 2, axis=(1, 2)) / (2 * 0.5**2)
+                        for wm in pool], axis=1)  # (B, M)
+    post = np.exp(log_lik - log_lik.max(1, keepdims=True))
+    post /= post.sum(1, keepdims=True)
+    expected = np.einsum("bm,mod->bod", post, pool)
+    assert _max_abs(dmmse_weights(batch, pool, 0.5), expected) < 1e-12
+    assert 0.01 < post.max(1).min()  # a real mixture, not a one-hot posterior
+
+
+# ----------------------------------------------------------------------------------------------------- momentum and SGD
+
+@pytest.mark.parametrize("steps", [1, 3, 5])
+def test_momentum_gd_with_zero_mu_equals_gd(x64, steps):
+    batch = _gaussian_batch(6, 16, 7, 4, out_dim=2)
+    w0 = np.ones((2, 4))
+    assert _max_abs(ic.momentum_gd_predict(batch, 0.3, 0.0, steps, w0=w0), ic.gd_predict(batch, 0.3, steps, w0=w0)) \
+        < 1e-12
+
+
+def test_momentum_gd_follows_the_heavy_ball_recursion(x64):
+    batch = _gaussian_batch(7, 4, 6, 3)
+    x, y, n = np.asarray(batch.x), np.asarray(batch.y), 6
+    grad = lambda w: np.einsum("bn,bnd->bd", np.einsum("bd,bnd->bn", w, x) - y, x) / n
+    eta, mu = 0.2, 0.7
+    w_prev = w = np.zeros((4, 3))
+    for _ in range(3):
+        w, w_prev = w - eta * grad(w) + mu * (w - w_prev), w
+    assert _max_abs(momentum_gd_weights(batch, eta, mu, 3)[:, 0], w) < 1e-12
+    assert _max_abs(momentum_gd_weights(batch, eta, mu, 1), gd_weights(batch, eta, 1)) < 1e-12  # W_-1 = W_0
+    assert _max_abs(w, gd_weights(batch, eta, 3)[:, 0]) > 1e-3  # momentum matters after the first step
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_sgd_with_full_batch_equals_gd_with_one_step_per_epoch(x64, epochs):
+    batch = _gaussian_batch(8, 16, 6, 4, out_dim=2)
+    assert _max_abs(ic.sgd_predict(batch, 0.4, epochs=epochs, batch_size=6), ic.gd_predict(batch, 0.4, epochs)) \
+        < 1e-12
+
+
+def test_sgd_with_batch_size_one_visits_demonstrations_in_order(x64):
+    batch = _gaussian_batch(9, 3, 4, 2)
+    x, y = np.asarray(batch.x), np.asarray(batch.y)
+    w = np.zeros((3, 2))
+    for _ in range(2):
+        for i in range(4):
+            w = w - 0.5 * (np.einsum("bd,bd->b", w, x[:, i]) - y[:, i])[:, None] * x[:, i]
+    assert _max_abs(ic.sgd_predict(batch, 0.5, epochs=2, batch_size=1), np.einsum("bd,bd->b", w, batch.x_query)) \
+        < 1e-12
+
+
+@jax.jit
+def _order_sensitive_outputs(batch):
+    return {"gd": ic.gd_predict(batch, 0.5, 3), "least_squares": ic.least_squares_predict(batch),
+            "sgd": ic.sgd_predict(batch, 0.3, batch_size=1), "adam": ic.adam_predict(batch, 0.1, batch_size=2)}
+
+
+def test_sgd_and_adam_depend_on_demonstration_order_while_gd_does_not(x64):
+    # "Do pretrained Transformers Learn In-Context by Gradient Descent?": full-batch GD is exactly order-invariant.
+    batch = _gaussian_batch(10, 32, 8, 4)
+    reference = _order_sensitive_outputs(batch)
+    perms = [np.arange(8)[::-1], np.stack([np.random.default_rng(i).permutation(8) for i in range(32)])]
+    for perm in perms:
+        shuffled = _order_sensitive_outputs(jax.tree.map(np.asarray, batch.with_context_order(perm)))
+        assert _max_abs(shuffled["gd"], reference["gd"]) < 1e-12
+        assert _max_abs(shuffled["least_squares"], reference["least_squares"]) < 1e-10
+        assert _max_abs(shuffled["sgd"], reference["sgd"]) > 1e-2
+        assert _max_abs(shuffled["adam"], reference["adam"]) > 1e-2
+
+
+# --------------------------------------------------------------------------------------------------------------- tuning
+
+@pytest.fixture(scope="module")
+def vonoswald_float64():
+    """2000 reference-paper tasks (d = N = 10, x ~ U(-0.5, 0.5)) as float64 NumPy arrays."""
+    batch = ic.sample_tasks(jax.random.PRNGKey(11), 2000, 10, 10, x_range=0.5)
+    return ic.TaskBatch(*(np.asarray(a, np.float64) for a in (batch.x, batch.y, batch.x_query, batch.y_query)))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5])
+def test_gd_loss_polynomial_at_eta_equals_the_loss_of_gd_predict(x64, vonoswald_float64, steps):
+    poly = gd_loss_polynomial(vonoswald_float64, steps)
+    assert poly.shape == (2 * steps + 1,)
+    for eta in (0.5, 3.0, 7.0):
+        direct = float(ic.half_mse(ic.gd_predict(vonoswald_float64, eta, steps), vonoswald_float64.y_query))
+        assert abs(np.polyval(poly[::-1], eta) - direct) < 1e-10 * max(1.0, direct)
+
+
+def test_gd_loss_polynomial_handles_vector_outputs(x64):
+    batch = _gaussian_batch(12, 50, 5, 3, out_dim=2)
+    poly = gd_loss_polynomial(batch, 3)
+    direct = float(ic.half_mse(ic.gd_predict(batch, 0.4, 3), batch.y_query))
+    assert abs(np.polyval(poly[::-1], 0.4) - direct) < 1e-10 * max(1.0, direct)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 5])
+def test_tune_gd_exact_agrees_with_grid_and_its_loss_is_the_minimum(x64, vonoswald_float64, steps):
+    exact = ic.tune_gd(vonoswald_float64, steps, method="exact")
+    grid = ic.tune_gd(vonoswald_float64, steps, method="grid")
+    assert abs(exact.eta - grid.eta) < 0.01 * exact.eta
+    assert exact.loss <= grid.loss + 1e-9
+    assert abs(exact.loss - grid.loss) < 1e-6
+    loss_at = lambda eta: float(ic.half_mse(ic.gd_predict(vonoswald_float64, eta, steps), vonoswald_float64.y_query))
+    assert abs(loss_at(exact.eta) - exact.loss) < 1e-12
+    assert loss_at(0.95 * exact.eta) > exact.loss and loss_at(1.05 * exact.eta) > exact.loss
+
+
+def test_tuned_gd_reproduces_the_reference_losses(x64):
+    # REFERENCE.md section 4 (2e4 Monte Carlo tasks): 1 step 0.206 at eta ~ 6, 5 steps 0.108 at eta ~ 5.5.
+    batch = ic.sample_tasks(jax.random.PRNGKey(12), 20000, 10, 10, x_range=0.5)
+    one, five = ic.tune_gd(batch, 1), ic.tune_gd(batch, 5)
+    assert abs(one.loss - 0.206) < 0.01 and abs(one.eta - 6.0) < 0.5
+    assert abs(five.loss - 0.108) < 0.01 and abs(five.eta - 5.5) < 0.5
+    assert abs(float(ic.half_mse(jnp.zeros(20000), batch.y_query)) - 0.42) < 0.02  # the zero predictor
+
+
+def test_tuned_two_step_gdpp_beats_gd_with_the_reference_gamma(x64, vonoswald_float64):
+    # "Transformers learn in-context by gradient descent": recurrent 2-layer models at N = 10 learn gamma = 0.179,
+    # and GD++ beats plain GD. Measured here on 500 tasks: GD 0.156, GD++ 0.115 at gamma 0.173.
+    batch = vonoswald_float64.slice(0, 500)
+    gd = ic.tune_gd(batch, 2)
+    gdpp = ic.tune_gdpp(batch, 2, n_grid=12, rounds=3)
+    assert abs(gdpp.params["gamma"] - 0.179) < 0.03
+    assert gdpp.loss < gd.loss - 0.02
+
+
+def test_grid_search_finds_the_minimum_and_ignores_nan(x64):
+    loss = lambda p, _: jnp.where(p["a"] > 2.5, jnp.nan, (p["a"] - 1.3) ** 2 + (p["b"] + 0.2) ** 2 + 0.5)
+    best = ic.grid_search(loss, {"a": (0.0, 3.0), "b": (-1.0, 1.0)}, n_grid=16, rounds=5)
+    assert abs(best.params["a"] - 1.3) < 1e-3 and abs(best.params["b"] + 0.2) < 1e-3
+    assert abs(best.loss - 0.5) < 1e-6
+    assert best.to_dict()["loss"] == best.loss
+
+
+# ----------------------------------------------------------------------------------------------- one call shape for all
+
+_LEARNERS = [
+    ("gd", lambda: ic.GD(eta=0.5, steps=3), lambda b: ic.gd_predict(b, 0.5, 3)),
+    ("gdpp", lambda: ic.GDPlusPlus(eta=0.5, gamma=0.05, steps=2), lambda b: ic.gdpp_predict(b, 0.5, 0.05, 2)),
+    ("momentum", lambda: ic.MomentumGD(eta=0.2, mu=0.5, steps=3), lambda b: ic.momentum_gd_predict(b, 0.2, 0.5, 3)),
+    ("sgd", lambda: ic.SGD(eta=0.1, epochs=2, batch_size=2), lambda b: ic.sgd_predict(b, 0.1, 2, 2)),
+    ("adam", lambda: ic.Adam(lr=0.1, epochs=2, batch_size=3), lambda b: ic.adam_predict(b, 0.1, 2, 3)),
+    ("least_squares", lambda: ic.LeastSquares(), ic.least_squares_predict),
+    ("ridge", lambda: ic.Ridge(lam=0.3), lambda b: ic.ridge_predict(b, 0.3)),
+    ("dmmse", lambda: ic.DMMSE(pool=jnp.ones((3, 4)) * jnp.arange(3.0)[:, None], noise=0.5),
+     lambda b: ic.dmmse_predict(b, jnp.ones((3, 4)) * jnp.arange(3.0)[:, None], 0.5)),
+]
+
+
+class LearnerCallShapeTest(chex.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*_LEARNERS)
+    def test_learner_objects_equal_their_functional_forms(self, make, functional):
+        batch = _gaussian_batch(13, 5, 6, 4).validated()
+        out = self.variant(lambda b: make()(b))(batch)
+        chex.assert_shape(out, (5,))
+        chex.assert_tree_all_finite(out)
+        chex.assert_trees_all_close(out, functional(batch), atol=1e-5, rtol=1e-5)
+
+
+def test_learners_vmap_over_their_hyper_parameters():
+    batch = _gaussian_batch(14, 5, 6, 4).validated()
+    etas = jnp.array([0.1, 0.5, 1.0])
+    out = jax.vmap(lambda e: ic.GD(eta=e, steps=2)(batch))(etas)
+    chex.assert_shape(out, (3, 5))
+    for i, e in enumerate(etas):
+        chex.assert_trees_all_close(out[i], ic.gd_predict(batch, float(e), 2), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------- errors
+
+@pytest.fixture
+def small():
+    return _gaussian_batch(0, 4, 6, 3).validated()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_learners_reject_non_finite_hyper_parameters(small, bad):
+    for name, call in [("eta", lambda: ic.gd_predict(small, bad)), ("eta", lambda: ic.gdpp_predict(small, bad, 0.1)),
+                       ("gamma", lambda: ic.gdpp_predict(small, 1.0, bad)),
+                       ("mu", lambda: ic.momentum_gd_predict(small, 1.0, bad)),
+                       ("eta", lambda: ic.sgd_predict(small, bad)), ("lam", lambda: ic.ridge_predict(small, bad)),
+                       ("lr", lambda: ic.adam_predict(small, bad))]:
+        with pytest.raises(ValueError, match=name):
+            call()
+
+
+def test_learners_reject_step_schedules_of_the_wrong_length(small):
+    with pytest.raises(ValueError, match=r"eta must be a scalar or have shape \(steps,\) = \(3,\)"):
+        ic.gd_predict(small, jnp.array([1.0, 2.0]), 3)
+    with pytest.raises(ValueError, match="gamma must be a scalar or have shape"):
+        ic.gdpp_predict(small, 1.0, jnp.ones(3), 2)
+    with pytest.raises(ValueError, match="mu must be a scalar or have shape"):
+        ic.momentum_gd_predict(small, 1.0, jnp.ones(4), 2)
+    with pytest.raises(ValueError, match="steps"):
+        ic.gd_predict(small, 1.0, 0)
+
+
+def test_learners_reject_mismatched_batches(small):
+    for call in (lambda b: ic.gd_predict(b, 1.0), ic.least_squares_predict, lambda b: ic.sgd_predict(b, 0.1)):
+        with pytest.raises(ValueError, match=r"batch\.y must have shape \(B, N\) = \(4, 6\)"):
+            call(small.replace(y=small.y[:, :5]))
+        with pytest.raises(ValueError, match=r"batch\.x_query"):
+            call(small.replace(x_query=small.x_query[:, :2]))
+    with pytest.raises(TypeError, match="batch must be an iclgd_synth.TaskBatch"):
+        ic.gd_predict({"x": small.x}, 1.0)
+
+
+def test_learners_reject_bad_w0_and_other_options(small):
+    with pytest.raises(ValueError, match="w0"):
+        ic.gd_predict(small, 1.0, w0=jnp.zeros(5))
+    for name, call in [("batch_size", lambda: ic.sgd_predict(small, 0.1, batch_size=4)),  # 4 does not divide N = 6
+                       ("batch_size", lambda: ic.sgd_predict(small, 0.1, batch_size=0)),
+                       ("epochs", lambda: ic.sgd_predict(small, 0.1, epochs=0)),
+                       ("lam", lambda: ic.ridge_predict(small, 0.0)), ("lam", lambda: ic.ridge_predict(small, -1.0)),
+                       ("noise", lambda: ic.dmmse_predict(small, jnp.zeros((2, 3)), 0.0)),
+                       ("pool", lambda: ic.dmmse_predict(small, jnp.zeros((2, 4)), 0.5)),
+                       ("method", lambda: ic.tune_gd(small, 1, method="newton")),
+                       ("bounds", lambda: ic.grid_search(lambda p, _: p["a"], {"a": (1.0, 0.0)}))]:
+        with pytest.raises(ValueError, match=name):
+            call()
