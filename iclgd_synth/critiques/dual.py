@@ -63,10 +63,10 @@ from iclgd_synth.critiques import finetune as F
 from iclgd_synth.critiques import momentum as MO
 from iclgd_synth.learners import gd_weights, tune_gd
 from iclgd_synth.metrics import loss as model_loss
-from iclgd_synth.model import ModelConfig, TransformerParams, check_params, forward, layer_norm, predict
+from iclgd_synth.model import ModelConfig, TransformerParams, check_params, forward, layer_norm
 from iclgd_synth.shapes import Array
 from iclgd_synth.studies.rundir import write_json, write_text_atomic
-from iclgd_synth.tasks import TASK_PRESETS, TaskBatch, TaskConfig, sample, sample_tasks, validate_batch
+from iclgd_synth.tasks import TASK_PRESETS, TaskBatch, TaskConfig, sample, validate_batch
 from iclgd_synth.tokens import build_tokens, n_context_tokens
 from iclgd_synth.train import TrainConfig
 
@@ -414,7 +414,7 @@ def _evaluate(study, trained, curves, train_seconds) -> dict[str, Any]:
             errs.append(float(jnp.max(jnp.abs(df.output() - ref)) / (jnp.max(jnp.abs(ref)) + 1e-300)))
         recon[label] = max(errs)
     df_hand = dual_form(hand, test)
-    meta = -(gd_weights(test, eta, 1) - 0.0)  # eta * grad L(0) = minus the GD step's update, (B, 1, d)
+    meta = -gd_weights(test, eta, 1)  # eta * grad L(0), minus the GD step's update from W0 = 0, (B, 1, d)
     hand_block_err = float(jnp.max(jnp.abs(df_hand.delta_w_icl[:, d:, :d] - meta)))
     off_block = df_hand.delta_w_icl.at[:, d:, :d].set(0.0)
     res["dual_form"] = {"relative_reconstruction_error": recon, "hand_block_vs_meta_gradient": hand_block_err,

@@ -201,7 +201,7 @@ class OrderStudy:
     def quick(self) -> "OrderStudy":
         return dataclasses.replace(self, n_tasks=300, tune_tasks=300, n_sweep=(4, 8), sweep_tasks=200,
                                    causal_depths=(2,), hand_depths=(1, 2), sgd_epochs=(1, 3), adam_epochs=3,
-                                   train_steps=150, train_batch=256)
+                                   train_steps=100, train_batch=128)
 
     def config_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
