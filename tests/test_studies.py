@@ -50,3 +50,13 @@ def test_every_training_preset_is_registered_with_a_description():
 def test_unknown_study_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown study 'nope'"):
         run_study("nope")
+
+
+def test_llm_comparison_is_skipped_with_a_note_when_the_weights_are_missing(tmp_path):
+    from iclgd_synth.studies.gd_comparison import _llm_comparison
+    from iclgd_synth import gd_params
+
+    study = PRESETS["vonoswald"]
+    out = _llm_comparison(study.__class__(**{**study.__dict__, "llm_weights": (str(tmp_path / "none.gguf"),)}),
+                          gd_params(10, 6.0, n_context=10), tmp_path / "weights", progress=False)
+    assert "none.gguf" in out["skipped"]

@@ -39,7 +39,8 @@ def _study(name, description, models, n_steps=5000, lr=1e-3, **kw) -> GDComparis
 PRESETS: dict[str, GDComparisonStudy] = {
     "vonoswald": _study(
         "vonoswald", "A 1-layer linear self-attention model trained on in-context regression against one step of "
-        "tuned gradient descent and the hand-constructed weights that implement it.", [("lsa", _LSA)]),
+        "tuned gradient descent and the hand-constructed weights that implement it.", [("lsa", _LSA)],
+        llm_weights=("smollm2", "minilm")),
     "recurrent": _study(
         "recurrent", "A recurrent 2-layer LSA (one set of weights applied twice) against 2 steps of tuned GD and "
         "GD++.", [("lsa_recurrent2", _LSA.replace(n_layers=2, recurrent=True))], baseline_steps=2, gdpp=True),
@@ -72,6 +73,8 @@ def register(name: str, description: str, runner: Callable[..., Path]) -> None:
 def _gd_runner(preset: GDComparisonStudy) -> Callable[..., Path]:
     def runner(quick: bool = False, root: str = "runs", force: bool = False, progress: bool = True, **overrides):
         study = preset.quick() if quick else preset
+        if overrides.pop("no_llm_weights", False):
+            study = dataclasses.replace(study, llm_weights=())
         if overrides:
             study = dataclasses.replace(study, train=study.train.replace(**overrides))
         return gd_comparison.run(study, root, force=force, progress=progress)
@@ -113,6 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds trained together")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-llm-weights", action="store_true",
+                        help="leave out the real-LLM weight comparison of the main job (about 15-25 s)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -126,6 +131,8 @@ def main(args: argparse.Namespace) -> int:
         overrides["n_steps"] = args.steps
     if args.seeds is not None:
         overrides["seeds"] = tuple(args.seeds)
+    if getattr(args, "no_llm_weights", False):
+        overrides["no_llm_weights"] = True
     out = run_study(args.name, quick=args.quick, root=args.root, force=args.force,
                     progress=not args.no_progress, **overrides)
     print(out / "report.md")

@@ -45,6 +45,10 @@ class GDComparisonStudy:
       tune_tasks: tasks used to tune the baselines' step sizes (separate from evaluation). Default 10000.
       eval_tasks: held-out tasks for all reported losses and metrics. Default 10000.
       ood: run the out-of-distribution sweeps. Default True.
+      llm_weights: real LLM sources (``"smollm2"``, ``"minilm"`` or paths) whose attention-weight statistics are
+        compared with the hand-constructed (D = d + 1) and the first trained model's weights, in a ``weights/``
+        sub-folder and a report section; skipped with a note when the optional ``llm`` extra is missing.
+        Default ().
 
     The metrics recorded over training and the OOD sweeps use ``eval_tasks`` tasks too (one batch shape, so each
     predictor is compiled once).
@@ -59,18 +63,19 @@ class GDComparisonStudy:
     tune_tasks: int = 10000
     eval_tasks: int = 10000
     ood: bool = True
+    llm_weights: tuple[str, ...] = ()
 
     def quick(self) -> "GDComparisonStudy":
         """A CI-sized version: few steps, small batches, few tasks (same code path)."""
         t = self.train.replace(n_steps=min(self.train.n_steps, 300), batch_size=min(self.train.batch_size, 512),
                                chunk_steps=100, checkpoint_every=100, eval_batch=1000)
-        return dataclasses.replace(self, train=t, tune_tasks=1000, eval_tasks=1000)
+        return dataclasses.replace(self, train=t, tune_tasks=1000, eval_tasks=1000, llm_weights=())
 
     def config_dict(self) -> dict[str, Any]:
         return {"name": self.name, "train": self.train.to_dict(),
                 "models": [[label, dataclasses.asdict(m)] for label, m in self.models],
                 "baseline_steps": self.baseline_steps, "gdpp": self.gdpp, "tune_tasks": self.tune_tasks,
-                "eval_tasks": self.eval_tasks, "ood": self.ood}
+                "eval_tasks": self.eval_tasks, "ood": self.ood, "llm_weights": list(self.llm_weights)}
 
 
 def _is_plain_lsa(m: ModelConfig) -> bool:
@@ -149,14 +154,29 @@ def run(study: GDComparisonStudy, root: str = "runs", *, force: bool = False, pr
             ood[sweep] = M.ood_sweep(ood_predictors, task, sweep, n_tasks=study.eval_tasks)
 
     first = study.models[0][0]
+    llm = _llm_comparison(study, trained[first], out / "weights", progress) if study.llm_weights else None
     metrics = {**baselines, **{k_: v for k_, v in results[first].items() if k_ != "history"},
                "models": {lbl: {k_: v for k_, v in r.items() if k_ != "history"} for lbl, r in results.items()},
-               "ood": ood, "total_seconds": time.perf_counter() - t_start}
+               "ood": ood, "llm_weights": llm, "total_seconds": time.perf_counter() - t_start}
     figures = _figures(out, study, baselines, results, trained, hand, hand_pp, losses, ood, d)
     write_text_atomic(out / "report.md", _report(study, metrics, results, figures))
     write_json(out / "metrics.json", {**metrics, "finished": True})
     print(f"{study.name}: report written to {out / 'report.md'}")
     return out
+
+
+def _llm_comparison(study: GDComparisonStudy, trained: TransformerParams, out: Path, progress: bool) -> dict:
+    """Weight statistics of the hand and trained weights against real LLM weights (optional ``llm`` extra)."""
+    try:
+        from iclgd_synth.weights.report import weights_report
+
+        d = study.train.task.dim + study.train.task.out_dim
+        rep = weights_report(list(study.llm_weights), out, trained, trained_note=f"this run's trained model",
+                             hand=(("gd", d), ("gdpp", d)), progress=progress)
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        return {"skipped": str(e)}
+    return {"inside_counts": rep["inside_counts"], "summary_markdown": rep["summary_markdown"],
+            "seconds": rep["seconds"], "report": "weights/report.md"}
 
 
 def _training_metrics(params, gd, gdpp, batch) -> dict[str, float]:
@@ -295,6 +315,15 @@ def _report(study: GDComparisonStudy, metrics: dict, results: dict, figures: dic
         for sweep, sw in metrics["ood"].items():
             rows = {name: {str(v): l for v, l in zip(sw["values"], ls)} for name, ls in sw["losses"].items()}
             lines += [f"**{sweep}**", "", M.metric_table(rows, [str(v) for v in sw["values"]])]
+    llm = metrics.get("llm_weights")
+    if llm:
+        lines += ["", "## Do these weights look like real LLM weights?", ""]
+        if "skipped" in llm:
+            lines.append(f"Skipped: {llm['skipped']}")
+        else:
+            lines += ["Attention-weight statistics of the hand-constructed and trained weights against the layers and "
+                      "heads of real LLMs (a value is inside when it lies between the LLM's 1st and 99th percentile). "
+                      f"Full tables and figures: [{llm['report']}]({llm['report']}).", "", llm["summary_markdown"]]
     lines += ["", "## Figures", ""] + [f"![{k_}]({v})" for k_, v in figures.items()]
     lines += ["", f"Total time: {metrics['total_seconds']:.1f} s.", ""]
     return "\n".join(lines)
