@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 
 def _best_time(fn: Callable[[], Any], repeats: int = 3) -> float:

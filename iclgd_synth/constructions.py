@@ -19,7 +19,7 @@ layer), so the same weights implement GD with step eta for any N.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np

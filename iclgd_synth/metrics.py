@@ -14,7 +14,7 @@ A predictor is anything with the call shape ``f(batch) -> (B,)``: ``functools.pa
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,5 @@
 """Comparison metrics on cases with known answers."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,5 @@
 """Every notebook in notebooks/ runs top to bottom (at small sizes), so the walk-throughs never rot."""
 
-import os
 from pathlib import Path
 
 import pytest

@@ -47,7 +47,7 @@ from iclgd_synth.critiques import finetune as F
 from iclgd_synth.learners import tune_gd
 from iclgd_synth.metrics import loss as model_loss
 from iclgd_synth.model import ModelConfig, TransformerParams
-from iclgd_synth.studies.rundir import write_json, write_text_atomic
+from iclgd_synth.studies.rundir import finish_run
 from iclgd_synth.tasks import TASK_PRESETS, TaskBatch, TaskConfig, sample
 from iclgd_synth.train import TrainConfig
 
@@ -178,10 +178,7 @@ def run_study(study: CausalStudy, root: str = "runs", *, force: bool = False, pr
         results["models"][str(k)]["train_seconds"] = train_seconds[k]
     results["total_seconds"] = time.perf_counter() - t_start
     figures = _figures(out, study, results, curves)
-    write_text_atomic(out / "report.md", _report(study, results, figures))
-    write_json(out / "metrics.json", {**results, "finished": True})
-    print(f"{name}: report written to {out / 'report.md'}")
-    return out
+    return finish_run(out, name, _report(study, results, figures), results)
 
 
 def _evaluate(study: CausalStudy, trained: Mapping[int, TransformerParams]) -> dict[str, Any]:

@@ -65,7 +65,7 @@ from iclgd_synth.learners import gd_weights, tune_gd
 from iclgd_synth.metrics import loss as model_loss
 from iclgd_synth.model import ModelConfig, TransformerParams, check_params, forward, layer_norm
 from iclgd_synth.shapes import Array
-from iclgd_synth.studies.rundir import write_json, write_text_atomic
+from iclgd_synth.studies.rundir import finish_run
 from iclgd_synth.tasks import TASK_PRESETS, TaskBatch, TaskConfig, sample, validate_batch
 from iclgd_synth.tokens import build_tokens, n_context_tokens
 from iclgd_synth.train import TrainConfig
@@ -388,10 +388,8 @@ def run_study(study: DualStudy, root: str = "runs", *, force: bool = False, prog
         results = _evaluate(study, trained, curves, train_seconds)
         figures = _figures(out, study, results, trained, curves)
     results["total_seconds"] = time.perf_counter() - t_start
-    write_text_atomic(out / "report.md", _report(study, results, figures))
-    write_json(out / "metrics.json", {k: v for k, v in {**results, "finished": True}.items() if not k.startswith("_")})
-    print(f"{name}: report written to {out / 'report.md'}")
-    return out
+    public = {k: v for k, v in results.items() if not k.startswith("_")}
+    return finish_run(out, name, _report(study, results, figures), public)
 
 
 def _evaluate(study, trained, curves, train_seconds) -> dict[str, Any]:

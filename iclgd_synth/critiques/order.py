@@ -48,7 +48,7 @@ from iclgd_synth.losses import half_mse
 from iclgd_synth.metrics import as_predictor
 from iclgd_synth.model import ModelConfig, TransformerParams
 from iclgd_synth.shapes import Array
-from iclgd_synth.studies.rundir import write_json, write_text_atomic
+from iclgd_synth.studies.rundir import finish_run
 from iclgd_synth.tasks import TaskBatch, TaskConfig, sample
 from iclgd_synth.train import TrainConfig
 
@@ -253,10 +253,7 @@ def run_study(study: OrderStudy, root: str = "runs", *, force: bool = False, pro
         results["predictors"][label].update(info)
     results["total_seconds"] = time.perf_counter() - t_start
     figures = _figures(out, study, results, curves)
-    write_text_atomic(out / "report.md", _report(study, results, figures))
-    write_json(out / "metrics.json", {**results, "finished": True})
-    print(f"{name}: report written to {out / 'report.md'}")
-    return out
+    return finish_run(out, name, _report(study, results, figures), results)
 
 
 def _evaluate(study: OrderStudy, trained: Mapping[str, TransformerParams]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from iclgd_synth import plotting
 from iclgd_synth.constructions import gd_params, gdpp_params
 from iclgd_synth.learners import GD, GDPlusPlus, LeastSquares, tune_gd, tune_gdpp
 from iclgd_synth.model import ModelConfig, TransformerParams
-from iclgd_synth.studies.rundir import is_finished, read_json, run_directory, write_json, write_text_atomic
+from iclgd_synth.studies.rundir import finish_run, is_finished, read_json, run_directory, write_json, write_text_atomic
 from iclgd_synth.tasks import sample
 from iclgd_synth.train import TrainConfig, train
 
@@ -159,10 +159,7 @@ def run(study: GDComparisonStudy, root: str = "runs", *, force: bool = False, pr
                "models": {lbl: {k_: v for k_, v in r.items() if k_ != "history"} for lbl, r in results.items()},
                "ood": ood, "llm_weights": llm, "total_seconds": time.perf_counter() - t_start}
     figures = _figures(out, study, baselines, results, trained, hand, hand_pp, losses, ood, d)
-    write_text_atomic(out / "report.md", _report(study, metrics, results, figures))
-    write_json(out / "metrics.json", {**metrics, "finished": True})
-    print(f"{study.name}: report written to {out / 'report.md'}")
-    return out
+    return finish_run(out, study.name, _report(study, metrics, results, figures), metrics)
 
 
 def _llm_comparison(study: GDComparisonStudy, trained: TransformerParams, out: Path, progress: bool) -> dict:
@@ -171,7 +168,7 @@ def _llm_comparison(study: GDComparisonStudy, trained: TransformerParams, out: P
         from iclgd_synth.weights.report import weights_report
 
         d = study.train.task.dim + study.train.task.out_dim
-        rep = weights_report(list(study.llm_weights), out, trained, trained_note=f"this run's trained model",
+        rep = weights_report(list(study.llm_weights), out, trained, trained_note="this run's trained model",
                              hand=(("gd", d), ("gdpp", d)), progress=progress)
     except (ModuleNotFoundError, FileNotFoundError) as e:
         return {"skipped": str(e)}

@@ -68,3 +68,11 @@ def is_finished(run_dir: str | os.PathLike) -> bool:
         return bool(read_json(path).get("finished"))
     except (json.JSONDecodeError, OSError):
         return False
+
+
+def finish_run(out: Path, name: str, report: str, metrics: dict[str, Any]) -> Path:
+    """Write report.md, then metrics.json marked finished (last, so a finished mark means a complete run)."""
+    write_text_atomic(Path(out) / "report.md", report)
+    write_json(Path(out) / "metrics.json", {**metrics, "finished": True})
+    print(f"{name}: report written to {Path(out) / 'report.md'}")
+    return Path(out)
