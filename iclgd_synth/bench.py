@@ -4,9 +4,12 @@
   Python loop calling the same jitted update;
 - the time of GD step-size tuning on 10^4 tasks (exact polynomial method, and the grid method for comparison);
 - the LSA forward pass in the dual form vs the quadratic form at N = 10, 100, 1000, 10000 (ratio);
-- the main job (``iclgd run vonoswald``) end to end, in a fresh process.
+- the main job (``iclgd run vonoswald``) end to end, in a fresh process, with and without its real-LLM weight
+  comparison (``--no-llm-weights``).
 
 Timings take the best of a few repeats after a warm-up call, so compilation is excluded except for the main job.
+``--quick`` runs every part at tiny sizes (a smoke test: the figures are not meaningful); its main job is
+``iclgd run vonoswald --quick`` with the LLM comparison limited to the first layer of each LLM.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 def _best_time(fn: Callable[[], Any], repeats: int = 3) -> float:
@@ -72,8 +77,8 @@ def bench_tuning(n_tasks: int = 10000) -> dict[str, float]:
     return out
 
 
-def bench_forward(ns: tuple[int, ...] = (10, 100, 1000, 10000), dim: int = 10, tokens_per_call: int = 2 ** 17
-                  ) -> list[dict[str, float]]:
+def bench_forward(ns: tuple[int, ...] = (10, 100, 1000, 10000), dim: int = 10, tokens_per_call: int = 2 ** 17,
+                  repeats: int = 3) -> list[dict[str, float]]:
     """Forward pass of a 1-layer LSA (all tokens updated) in dual vs quadratic form."""
     from iclgd_synth.constructions import gd_params
     from iclgd_synth.model import forward
@@ -82,44 +87,64 @@ def bench_forward(ns: tuple[int, ...] = (10, 100, 1000, 10000), dim: int = 10, t
     rows = []
     for n in ns:
         b = max(1, tokens_per_call // (n + 1))
-        tokens = jax.random.normal(jax.random.PRNGKey(n), (b, n + 1, dim + 1))
+        # NumPy draws the tokens: jax.random.normal would compile a sampler per shape (seconds on a small CPU).
+        tokens = jnp.asarray(np.random.default_rng(n).standard_normal((b, n + 1, dim + 1)), jnp.float32)
         dual = jax.jit(lambda t: forward(params, t, n, form="dual"))
         quad = jax.jit(lambda t: forward(params, t, n, form="quadratic"))
-        t_dual = _best_time(lambda: dual(tokens))
-        t_quad = _best_time(lambda: quad(tokens))
-        rows.append({"N": n, "batch": b, "dual_s": t_dual, "quadratic_s": t_quad, "quadratic_over_dual": t_quad / t_dual})
+        t_dual = _best_time(lambda: dual(tokens), repeats)
+        t_quad = _best_time(lambda: quad(tokens), repeats)
+        rows.append({"N": n, "batch": b, "dual_s": t_dual, "quadratic_s": t_quad,
+                     "quadratic_over_dual": t_quad / t_dual})
     return rows
 
 
-def bench_main_job(quick: bool = False) -> dict[str, float]:
+def _time_main_job(extra: list[str]) -> dict[str, Any]:
+    """``iclgd run vonoswald EXTRA`` in a fresh process and a fresh run root: wall seconds and its metrics."""
     with tempfile.TemporaryDirectory() as root:
-        cmd = [sys.executable, "-m", "iclgd_synth.cli", "run", "vonoswald", "--root", root, "--no-progress"]
-        if quick:
-            cmd.append("--quick")
+        cmd = [sys.executable, "-m", "iclgd_synth.cli", "run", "vonoswald", "--root", root, "--no-progress", *extra]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         seconds = time.perf_counter() - t0
         run = next(Path(root).glob("vonoswald-*"))
         metrics = json.loads((run / "metrics.json").read_text())
-    return {"seconds": seconds, "quick": quick, "train_seconds": metrics["train_seconds"],
-            "trained_loss": metrics["trained_loss"], "gd_loss": metrics["gd_loss"]}
+    return {"seconds": seconds, "metrics": metrics}
 
 
-def run_all(quick: bool = False) -> dict[str, Any]:
+def bench_main_job(quick: bool = False) -> dict[str, Any]:
+    """The main job end to end, with its real-LLM weight comparison and without it (``--no-llm-weights``).
+
+    ``llm_section_seconds`` is the LLM section's own time inside the first run (None when it was skipped, e.g. the
+    ``llm`` extra is missing). Under ``quick`` both runs are ``--quick`` and the LLM section reads one layer per LLM.
+    """
+    base = ["--quick"] if quick else []
+    with_llm = _time_main_job(base + (["--llm-max-layers", "1"] if quick else []))
+    without_llm = _time_main_job(base + ["--no-llm-weights"])
+    m = with_llm["metrics"]
+    llm = m.get("llm_weights") or {}
+    return {"quick": quick, "seconds": with_llm["seconds"], "seconds_no_llm": without_llm["seconds"],
+            "llm_section_seconds": llm.get("seconds"), "llm_skipped": llm.get("skipped"),
+            "train_seconds": m["train_seconds"], "trained_loss": m["trained_loss"], "gd_loss": m["gd_loss"]}
+
+
+def run_all(quick: bool = False, main_job: bool = True) -> dict[str, Any]:
+    """Every benchmark (``quick``: tiny sizes); ``main_job=False`` leaves out the end-to-end runs."""
     dev = jax.devices()[0]
     result: dict[str, Any] = {"backend": jax.default_backend(), "device": str(dev.device_kind),
-                              "n_devices": jax.device_count()}
-    result["training"] = bench_training(steps=50 if quick else 200, batch_size=2048)
-    result["tuning"] = bench_tuning(2000 if quick else 10000)
-    result["forward"] = bench_forward((10, 100) if quick else (10, 100, 1000, 10000))
-    result["main_job"] = bench_main_job(quick=quick)
+                              "n_devices": jax.device_count(), "quick": quick}
+    result["training"] = bench_training(steps=20, batch_size=256) if quick else bench_training(200, 2048)
+    result["tuning"] = bench_tuning(1000 if quick else 10000)
+    result["forward"] = (bench_forward((10, 100), tokens_per_call=2 ** 11, repeats=1) if quick
+                         else bench_forward((10, 100, 1000, 10000)))
+    if main_job:
+        result["main_job"] = bench_main_job(quick=quick)
     return result
 
 
 def format_report(r: dict[str, Any]) -> str:
-    t, u, m = r["training"], r["tuning"], r["main_job"]
-    lines = [f"backend: {r['backend']} ({r['device']}, {r['n_devices']} device(s))", "",
-             f"training, vonoswald preset, batch {t['batch_size']}:",
+    t, u = r["training"], r["tuning"]
+    lines = [f"backend: {r['backend']} ({r['device']}, {r['n_devices']} device(s))"
+             + (" -- quick: tiny sizes, not meaningful figures" if r.get("quick") else ""), "",
+             f"training, vonoswald preset, batch {t['batch_size']}, {t['steps']} steps:",
              f"  scan-jitted chunks : {t['scan_tasks_per_s']:,.0f} tasks/s",
              f"  per-step Python loop: {t['loop_tasks_per_s']:,.0f} tasks/s",
              f"  ratio scan / loop   : {t['scan_over_loop']:.2f}x", "",
@@ -131,19 +156,28 @@ def format_report(r: dict[str, Any]) -> str:
     for row in r["forward"]:
         lines.append(f"  {row['N']:<7d} {row['batch']:<7d} {1e3 * row['dual_s']:9.2f}  {1e3 * row['quadratic_s']:14.2f}"
                      f"  {row['quadratic_over_dual']:6.1f}x")
-    lines += ["", f"main job (iclgd run vonoswald{' --quick' if m['quick'] else ''}), fresh process: "
-                  f"{m['seconds']:.1f} s (training {m['train_seconds']:.1f} s; trained loss {m['trained_loss']:.4f} "
-                  f"vs GD {m['gd_loss']:.4f})"]
+    m = r.get("main_job")
+    if m is not None:
+        q = " --quick" if m["quick"] else ""
+        llm = (f"LLM section {m['llm_section_seconds']:.1f} s" if m["llm_section_seconds"] is not None
+               else f"LLM section skipped: {m['llm_skipped']}")
+        lines += ["", f"main job (iclgd run vonoswald{q}), fresh process each:",
+                  f"  with the LLM weight comparison{' (1 layer per LLM)' if m['quick'] else ''}: "
+                  f"{m['seconds']:.1f} s ({llm})",
+                  f"  without it (--no-llm-weights)      : {m['seconds_no_llm']:.1f} s",
+                  f"  training {m['train_seconds']:.1f} s; trained loss {m['trained_loss']:.4f} vs GD "
+                  f"{m['gd_loss']:.4f}"]
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test; figures not meaningful)")
+    parser.add_argument("--no-main-job", action="store_true", help="leave out the end-to-end main-job runs")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
 
 
 def main(args: argparse.Namespace) -> int:
-    result = run_all(quick=args.quick)
+    result = run_all(quick=args.quick, main_job=not args.no_main_job)
     print(format_report(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -2,7 +2,7 @@
 
     iclgd equivalence [--json]            hand-constructed LSA vs explicit GD / GD++ (max abs difference)
     iclgd run NAME [--quick] [--force]    run a study (see ``iclgd run --list``) into runs/NAME-<hash>/
-    iclgd bench [--quick]                 speed figures on the current backend
+    iclgd bench [--quick] [--no-main-job] speed figures on the current backend (main job with / without LLM)
     iclgd weights --llm smollm2|minilm|PATH --out DIR    weight statistics vs real LLM weights
 
 Each sub-command lives in the module that owns it; this file only parses arguments.

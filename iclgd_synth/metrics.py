@@ -9,6 +9,9 @@ A predictor is anything with the call shape ``f(batch) -> (B,)``: ``functools.pa
 - weight alignment and interpolation: for linear attention only the products W_KQ = W_K^T W_Q and W_PV = P W_V
   matter; the trained pair is rescaled by beta (mean diagonal of the x-block of its W_KQ) so it is comparable with
   the construction, the two are compared by cosine, averaged, and the averaged model's loss is reported.
+- out-of-distribution sweeps (:func:`ood_sweep`): x scale, w scale, other input laws and label corruption. The
+  other laws (normal, Laplace, exponential) are rescaled to the training law's per-coordinate second moment
+  E[x_j^2], so that sweep measures the law's shape; the x-scale sweep measures the scale.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from iclgd_synth.constructions import from_products
 from iclgd_synth.losses import half_mse
 from iclgd_synth.model import TransformerParams, layer_predictions, predict
 from iclgd_synth.shapes import Array, Predictor
-from iclgd_synth.tasks import TaskBatch, TaskConfig, sample, validate_batch
+from iclgd_synth.tasks import TaskBatch, TaskConfig, input_covariance, sample, validate_batch
 
 
 def as_predictor(obj: Any) -> Predictor:
@@ -165,28 +168,66 @@ def per_layer_losses(params: TransformerParams, batch: TaskBatch) -> list[float]
     return [float(half_mse(p, batch.y_query)) for p in preds]
 
 
+#: The sweep over input laws, each rescaled to the training law's second moment (see :func:`ood_task`).
+X_DIST_SWEEP = "x_dist_matched_second_moment"
+
 #: Out-of-distribution sweeps of the reference paper: name -> (TaskConfig field, default values).
 OOD_SWEEPS: dict[str, tuple[str, tuple]] = {
     "x_scale": ("x_scale", (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)),
     "w_scale": ("w_scale", (0.5, 1.0, 2.0, 3.0, 5.0)),
-    "x_dist": ("x_dist", ("uniform", "normal", "laplace", "exponential")),
+    X_DIST_SWEEP: ("x_dist", ("uniform", "normal", "laplace", "exponential")),
     "label_corruption": ("label_corruption", (0.0, 0.1, 0.2, 0.3)),
 }
+
+#: Per-coordinate second moment E[x_j^2] of the unscaled input laws (uniform: a^2 / 3 with a = x_range).
+_SECOND_MOMENTS = {"normal": 1.0, "laplace": 2.0, "exponential": 2.0}  # Laplace(0, 1): 2 b^2; Exp(1): 1 + 1^2
+
+
+def input_second_moment(task: TaskConfig) -> float:
+    """Mean over coordinates of E[x_j^2] under ``task``, ``x_scale`` included.
+
+    Uniform U(-a, a): a^2 / 3; normal: 1; Laplace (unit scale): 2; exponential (rate 1): 2 (variance 1 plus squared
+    mean 1); anisotropic N(0, Sigma): trace(Sigma) / d.
+    """
+    if task.x_dist == "uniform":
+        m2 = task.x_range**2 / 3.0
+    elif task.x_dist in _SECOND_MOMENTS:
+        m2 = _SECOND_MOMENTS[task.x_dist]
+    else:
+        m2 = float(np.trace(np.asarray(input_covariance(task), np.float64))) / task.dim
+    return float(m2 * task.x_scale**2)
+
+
+def ood_task(task: TaskConfig, sweep: str, value: Any) -> TaskConfig:
+    """The task law of one point of an out-of-distribution sweep.
+
+    For the input-law sweep (:data:`X_DIST_SWEEP`) the new law is rescaled (through ``x_scale``) so that its
+    per-coordinate second moment equals the training law's: drawn at unit scale, a normal, Laplace or exponential
+    input would have 12-24 times the second moment of U(-0.5, 0.5), and the sweep would measure that scale change
+    (which the x-scale sweep already does) rather than the law's shape.
+    """
+    if sweep not in OOD_SWEEPS:
+        raise ValueError(f"sweep must be one of {sorted(OOD_SWEEPS)}, got {sweep!r}")
+    field = OOD_SWEEPS[sweep][0]
+    if sweep != X_DIST_SWEEP:
+        return task.replace(**{field: value})
+    law = task.replace(x_dist=value, x_scale=1.0)
+    return law.replace(x_scale=float(np.sqrt(input_second_moment(task) / input_second_moment(law))))
 
 
 def ood_sweep(predictors: Mapping[str, Any], task: TaskConfig, sweep: str, *, values: tuple | None = None,
               n_tasks: int = 2000, seed: int = 12345) -> dict[str, Any]:
     """Loss of every predictor as one task property moves away from training (same tasks for all predictors).
 
-    Returns {"values": [...], "losses": {name: [...]}}.
+    ``sweep`` is one of :data:`OOD_SWEEPS`; each point's task law is :func:`ood_task` (the input laws are matched to
+    the training law's second moment). Returns {"values": [...], "losses": {name: [...]}}.
     """
     if sweep not in OOD_SWEEPS:
         raise ValueError(f"sweep must be one of {sorted(OOD_SWEEPS)}, got {sweep!r}")
-    field, default = OOD_SWEEPS[sweep]
-    values = tuple(default if values is None else values)
+    values = tuple(OOD_SWEEPS[sweep][1] if values is None else values)
     out: dict[str, Any] = {"values": list(values), "losses": {name: [] for name in predictors}}
     for v in values:
-        batch = sample(jax.random.PRNGKey(seed), task.replace(**{field: v}), n_tasks)
+        batch = sample(jax.random.PRNGKey(seed), ood_task(task, sweep, v), n_tasks)
         for name, f in predictors.items():
             out["losses"][name].append(loss(f, batch))
     return out

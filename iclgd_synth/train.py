@@ -8,14 +8,16 @@ Speed and reproducibility:
 - whole chunks of ``chunk_steps`` steps are one jit-compiled ``lax.scan``; tasks are sampled inside from
   ``fold_in(data_key, step)``, so step s always sees the same tasks, whatever the chunking or interruptions;
 - several seeds train at once under ``vmap`` (leading seed axis S on every parameter);
-- checkpoints (parameters, optimiser state, per-step losses) are written atomically every ``checkpoint_every``
-  steps and on Ctrl-C; ``train`` resumes from the last one and reaches the identical result;
+- checkpoints (parameters, optimiser state, per-step losses, cumulative training seconds) are written atomically
+  every ``checkpoint_every`` steps and on Ctrl-C; ``train`` resumes from the last one and reaches the identical
+  result, and its reported training time covers every step, before and after the interruption;
 - a non-finite loss stops training with :class:`TrainingDiverged`, naming the step and what to change.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -54,13 +56,16 @@ class TrainConfig:
       b1, b2: Adam moment decay rates. Default 0.9, 0.98.
       weight_decay: AdamW decoupled weight decay. Default 0.
       clip_norm: global gradient-norm clip; None disables. Default 10 (the paper's text; its code uses 1e-3).
-      schedule: "constant", "cosine" (decay to 0) or "warmup_cosine". Default "constant".
-      warmup_steps: linear warm-up length for "warmup_cosine". Default 0.
+      schedule: "constant", "cosine" (decay to 0 at ``n_steps``) or "warmup_cosine" (linear warm-up from 0 to ``lr``
+        over ``warmup_steps``, then cosine decay to 0 at ``n_steps``). Default "constant".
+      warmup_steps: linear warm-up length in steps; only for "warmup_cosine", where it must be in [0, n_steps - 1]
+        (0: no warm-up). Default 0.
       seeds: seeds trained together under vmap (init and data differ per seed). Default (0,).
       chunk_steps: steps per jit-compiled scan chunk (progress and divergence checks happen between chunks).
         Default 250.
       checkpoint_every: steps between checkpoints (rounded up to whole chunks). Default 2500.
-      eval_batch: held-out tasks for the final evaluation. Default 10000.
+      eval_batch: held-out tasks on which the studies evaluate the trained models (losses, metrics over training, OOD
+        sweeps); :func:`train` itself does not evaluate. Default 10000.
     """
 
     task: TaskConfig = TASK_PRESETS["vonoswald"]
@@ -89,7 +94,15 @@ class TrainConfig:
         if self.clip_norm is not None:
             check_float("clip_norm", self.clip_norm, min_value=0.0, strict_min=True)
         check_choice("schedule", self.schedule, SCHEDULES)
-        check_int("warmup_steps", self.warmup_steps, min_value=0, max_value=self.n_steps)
+        if self.schedule == "warmup_cosine":
+            # optax needs a positive decay phase after the warm-up ("requires positive decay_steps").
+            w = check_int("warmup_steps", self.warmup_steps, min_value=0)
+            if w >= self.n_steps:
+                raise ValueError(f"warmup_steps must be in [0, n_steps - 1] = [0, {self.n_steps - 1}] for "
+                                 f"schedule='warmup_cosine' (the cosine decay needs at least one step), got {w}")
+        elif check_int("warmup_steps", self.warmup_steps, min_value=0) > 0:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) only applies to schedule='warmup_cosine' "
+                             f"(in [0, n_steps - 1]); got schedule={self.schedule!r}")
         if not isinstance(self.seeds, tuple) or not self.seeds:
             object.__setattr__(self, "seeds", tuple(self.seeds) if self.seeds else ())
             if not self.seeds:
@@ -125,13 +138,23 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class TrainResult:
-    """Trained parameters (leading seed axis S), per-step training losses (S, n_steps) and timings."""
+    """Trained parameters (leading seed axis S), per-step training losses (S, n_steps) and timings.
+
+    ``train_seconds`` is the time spent in training chunks (compilation of the first chunk included) over the
+    ``timed_steps`` steps it covers: all steps done so far, also across interruptions (the checkpoint carries the time
+    of the steps before it); only a checkpoint written before that was recorded covers fewer.
+    """
 
     config: TrainConfig
     params: TransformerParams
     losses: np.ndarray
     train_seconds: float
     resumed_from: int = 0
+    timed_steps: int | None = None
+
+    def __post_init__(self):
+        if self.timed_steps is None:
+            self.timed_steps = self.config.n_steps
 
     def seed_params(self, i: int = 0) -> TransformerParams:
         """Parameters of the i-th seed (no seed axis)."""
@@ -139,18 +162,24 @@ class TrainResult:
 
     @property
     def tasks_per_second(self) -> float:
-        steps = self.config.n_steps - self.resumed_from
-        return steps * self.config.batch_size * len(self.config.seeds) / max(self.train_seconds, 1e-9)
+        """Training throughput over the timed steps, all seeds counted; NaN when no step was timed."""
+        if not self.timed_steps or self.train_seconds <= 0:
+            return float("nan")
+        return self.timed_steps * self.config.batch_size * len(self.config.seeds) / self.train_seconds
+
+
+def learning_rate_schedule(config: TrainConfig) -> Callable[[Any], Any]:
+    """The learning rate as a function of the step (0-based), as the optimiser applies it."""
+    if config.schedule == "constant":
+        return optax.constant_schedule(config.lr)
+    if config.schedule == "cosine":
+        return optax.cosine_decay_schedule(config.lr, config.n_steps)
+    return optax.warmup_cosine_decay_schedule(0.0, config.lr, config.warmup_steps, config.n_steps)
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """AdamW behind optional global-norm clipping, with the configured learning-rate schedule."""
-    if config.schedule == "constant":
-        lr: Any = config.lr
-    elif config.schedule == "cosine":
-        lr = optax.cosine_decay_schedule(config.lr, config.n_steps)
-    else:
-        lr = optax.warmup_cosine_decay_schedule(0.0, config.lr, max(config.warmup_steps, 1), config.n_steps)
+    lr: Any = config.lr if config.schedule == "constant" else learning_rate_schedule(config)
     adam = optax.adamw(lr, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
     if config.clip_norm is None:
         return adam
@@ -197,6 +226,13 @@ def make_chunk(config: TrainConfig, optimizer: optax.GradientTransformation, n: 
     return chunk
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_chunk(config: TrainConfig, n: int) -> Callable:
+    """The compiled chunk of ``n`` steps, shared by every :func:`train` call with an equal config (a resumed or
+    repeated run in the same process compiles nothing new)."""
+    return make_chunk(config, make_optimizer(config), n)
+
+
 def init_state(config: TrainConfig):
     """Initial parameters and optimiser state for every seed (leading axis S) and the data keys."""
     keys = [seed_keys(s) for s in config.seeds]
@@ -214,26 +250,27 @@ def train(config: TrainConfig, workdir: str | os.PathLike | None = None, *, prog
 
     ``stop_after`` ends the run early after that many steps (rounded up to a chunk), as an interruption would;
     a later call resumes from the checkpoint. ``on_chunk(step, params)`` is called after every chunk (params with
-    the seed axis), e.g. to record metrics over training. Returns a :class:`TrainResult`.
+    the seed axis), e.g. to record metrics over training; a KeyboardInterrupt raised there (or anywhere in the loop)
+    writes a checkpoint at the last finished chunk before propagating. Returns a :class:`TrainResult`.
     """
-    optimizer = make_optimizer(config)
     params, opt_state, data_keys = init_state(config)
     losses = np.full((len(config.seeds), config.n_steps), np.nan, np.float32)
-    start = 0
+    start, seconds, timed_from = 0, 0.0, 0
     ckpt = Path(workdir) / "checkpoint.npz" if workdir is not None else None
     if ckpt is not None and resume and ckpt.exists():
-        params, opt_state, start, losses = load_checkpoint(ckpt, config, (params, opt_state))
+        params, opt_state, start, losses, saved_seconds = load_checkpoint(ckpt, config, (params, opt_state))
+        if saved_seconds is None:  # a checkpoint written before the time was stored: only new steps are timed
+            timed_from = start
+        else:
+            seconds = saved_seconds
     resumed_from = start
-    chunks: dict[int, Callable] = {}
     bar = _progress_bar(config, start, progress)
-    seconds, last_ckpt = 0.0, start
+    last_ckpt = start
     try:
         while start < config.n_steps and (stop_after is None or start < stop_after):
             n = min(config.chunk_steps, config.n_steps - start)
-            if n not in chunks:
-                chunks[n] = make_chunk(config, optimizer, n)
             t0 = time.perf_counter()
-            new_params, new_opt, chunk_losses = chunks[n](params, opt_state, data_keys, start)
+            new_params, new_opt, chunk_losses = _cached_chunk(config, n)(params, opt_state, data_keys, start)
             chunk_losses = np.asarray(chunk_losses)
             seconds += time.perf_counter() - t0
             _check_finite(chunk_losses, start, config)
@@ -242,21 +279,22 @@ def train(config: TrainConfig, workdir: str | os.PathLike | None = None, *, prog
             start += n
             if bar is not None:
                 bar.update(n)
-                bar.set_postfix(loss=f"{chunk_losses[:, -1].mean():.4f}",
-                                tasks_per_s=f"{(start - resumed_from) * config.batch_size * len(config.seeds) / max(seconds, 1e-9):.3g}")
+                rate = (start - timed_from) * config.batch_size * len(config.seeds) / max(seconds, 1e-9)
+                bar.set_postfix(loss=f"{chunk_losses[:, -1].mean():.4f}", tasks_per_s=f"{rate:.3g}")
             if on_chunk is not None:
                 on_chunk(start, params)
             if ckpt is not None and (start - last_ckpt >= config.checkpoint_every or start >= config.n_steps):
-                save_checkpoint(ckpt, config, params, opt_state, start, losses)
+                save_checkpoint(ckpt, config, params, opt_state, start, losses, seconds)
                 last_ckpt = start
     except KeyboardInterrupt:
         if ckpt is not None and start > last_ckpt:
-            save_checkpoint(ckpt, config, params, opt_state, start, losses)
+            save_checkpoint(ckpt, config, params, opt_state, start, losses, seconds)
         raise
     finally:
         if bar is not None:
             bar.close()
-    return TrainResult(config=config, params=params, losses=losses, train_seconds=seconds, resumed_from=resumed_from)
+    return TrainResult(config=config, params=params, losses=losses, train_seconds=seconds, resumed_from=resumed_from,
+                       timed_steps=start - timed_from)
 
 
 def _check_finite(chunk_losses: np.ndarray, start: int, config: TrainConfig) -> None:
@@ -278,11 +316,14 @@ def _progress_bar(config: TrainConfig, start: int, enabled: bool):
     return tqdm(total=config.n_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def save_checkpoint(path: Path, config: TrainConfig, params, opt_state, step: int, losses: np.ndarray) -> None:
-    """Write parameters, optimiser state, step and losses atomically (temporary file, then rename)."""
+def save_checkpoint(path: Path, config: TrainConfig, params, opt_state, step: int, losses: np.ndarray,
+                    train_seconds: float = 0.0) -> None:
+    """Write parameters, optimiser state, step, losses and the cumulative training seconds of steps [0, step)
+    atomically (temporary file, then rename)."""
     leaves = jax.tree.leaves((params, opt_state))
     arrays = {f"leaf_{i}": np.asarray(x) for i, x in enumerate(leaves)}
-    arrays.update(step=np.asarray(step), losses=losses, config_hash=np.asarray(config.hash()))
+    arrays.update(step=np.asarray(step), losses=losses, config_hash=np.asarray(config.hash()),
+                  train_seconds=np.asarray(float(train_seconds)))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
     try:
@@ -296,7 +337,11 @@ def save_checkpoint(path: Path, config: TrainConfig, params, opt_state, step: in
 
 
 def load_checkpoint(path: Path, config: TrainConfig, like):
-    """Read a checkpoint written by :func:`save_checkpoint` into the structure of ``like`` (params, opt_state)."""
+    """Read a checkpoint written by :func:`save_checkpoint` into the structure of ``like`` (params, opt_state).
+
+    Returns (params, opt_state, step, losses, train_seconds); train_seconds is None for a checkpoint written before
+    the time was stored.
+    """
     with np.load(path) as z:
         if str(z["config_hash"]) != config.hash():
             raise ValueError(f"checkpoint {path} belongs to another config (hash {z['config_hash']}, expected "
@@ -304,7 +349,8 @@ def load_checkpoint(path: Path, config: TrainConfig, like):
         leaves, treedef = jax.tree.flatten(like)
         loaded = [jnp.asarray(z[f"leaf_{i}"], dtype=l.dtype) for i, l in enumerate(leaves)]
         params, opt_state = jax.tree.unflatten(treedef, loaded)
-        return params, opt_state, int(z["step"]), np.array(z["losses"])
+        seconds = float(z["train_seconds"]) if "train_seconds" in z.files else None
+        return params, opt_state, int(z["step"]), np.array(z["losses"]), seconds
 
 
 def save_params(path: str | os.PathLike, params: TransformerParams) -> None:

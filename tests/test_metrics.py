@@ -1,5 +1,4 @@
-"""Comparison metrics on cases with known answers."""
-
+"""Comparison metrics on cases with known answers (the ``x64`` fixture comes from conftest.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,12 +7,6 @@ import pytest
 
 from iclgd_synth import GD, TaskConfig, gd_params, gd_weights, lsa_predict, sample_tasks
 from iclgd_synth import metrics as M
-
-
-@pytest.fixture()
-def x64():
-    with jax.enable_x64(True):
-        yield
 
 
 @pytest.fixture()
@@ -94,3 +87,36 @@ def test_ood_sweep_at_the_training_value_equals_the_in_distribution_loss():
 def test_as_predictor_rejects_non_predictors():
     with pytest.raises(TypeError, match="predictor"):
         M.as_predictor(3.0)
+
+
+def test_input_law_sweep_matches_the_training_second_moment_and_keeps_gd_near_its_in_distribution_loss():
+    task = TaskConfig(dim=5, n_context=7)  # x ~ U(-0.5, 0.5): E[x_j^2] = 1/12
+    from iclgd_synth.learners import tune_gd
+    from iclgd_synth.tasks import sample
+
+    laws = M.OOD_SWEEPS[M.X_DIST_SWEEP][1]
+    assert set(laws) >= {"uniform", "normal", "laplace", "exponential"}
+    for law in laws:
+        cfg = M.ood_task(task, M.X_DIST_SWEEP, law)
+        assert cfg.x_dist == law
+        assert M.input_second_moment(cfg) == pytest.approx(1 / 12, rel=1e-12)
+        b = sample(jax.random.PRNGKey(3), cfg, 2000)  # one shape: compiled once per law
+        empirical = float(np.mean(np.concatenate([np.ravel(b.x), np.ravel(b.x_query)]) ** 2))
+        assert empirical == pytest.approx(1 / 12, rel=0.04), law
+    eta = tune_gd(sample(jax.random.PRNGKey(4), task, 2000)).eta
+    out = M.ood_sweep({"gd": GD(eta=eta)}, task, M.X_DIST_SWEEP, n_tasks=2000, seed=5)
+    in_dist = out["losses"]["gd"][0]
+    # Drawn at unit scale these laws put GD's loss 10^3-10^5 times above in-distribution; matched, same order.
+    for law, value in zip(out["values"], out["losses"]["gd"]):
+        assert 0 < value < 10 * in_dist, (law, value, in_dist)
+        if law in ("normal", "laplace"):  # centred laws: shape alone changes GD's loss little
+            assert value < 2 * in_dist, (law, value, in_dist)
+
+
+def test_second_moments_of_the_input_laws():
+    assert M.input_second_moment(TaskConfig(x_range=0.5)) == pytest.approx(1 / 12)
+    assert M.input_second_moment(TaskConfig(x_range=1.0, x_scale=2.0)) == pytest.approx(4 / 3)
+    assert M.input_second_moment(TaskConfig(x_dist="normal")) == pytest.approx(1.0)
+    assert M.input_second_moment(TaskConfig(x_dist="laplace")) == pytest.approx(2.0)
+    assert M.input_second_moment(TaskConfig(x_dist="exponential")) == pytest.approx(2.0)
+    assert M.input_second_moment(TaskConfig(dim=4, x_dist="anisotropic")) == pytest.approx(1.0, rel=1e-5)

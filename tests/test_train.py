@@ -4,11 +4,15 @@ import glob
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from iclgd_synth import ModelConfig, TaskConfig
-from iclgd_synth.train import TrainConfig, TrainingDiverged, load_params, save_params, train
+from iclgd_synth.train import (
+    SCHEDULES, TrainConfig, TrainingDiverged, learning_rate_schedule, load_params, make_optimizer, save_params, train,
+)
 
 TINY = TrainConfig(task=TaskConfig(dim=4, n_context=6, x_dist="normal"), model=ModelConfig(dim=4), lr=1e-2,
                    batch_size=128, n_steps=200,
@@ -75,3 +79,90 @@ def test_bad_train_config_names_the_parameter(field, value, match):
 def test_model_and_task_dimensions_must_agree():
     with pytest.raises(ValueError, match="dim"):
         TINY.replace(model=ModelConfig(dim=5))
+
+
+def test_run_interrupted_from_on_chunk_resumes_bit_identical_with_two_seeds_and_a_schedule(tmp_path):
+    # Chunks of 25 over 110 steps (the last one shorter); Ctrl-C arrives after the chunk ending at step 50, long
+    # before the next periodic checkpoint, so the interrupt handler's checkpoint is what the resume starts from.
+    cfg = TINY.replace(n_steps=110, chunk_steps=25, checkpoint_every=1000, seeds=(0, 2),
+                       schedule="warmup_cosine", warmup_steps=20)
+    straight = train(cfg, progress=False)
+
+    def interrupt(step, params):
+        if step == 50:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path, progress=False, on_chunk=interrupt)
+    resumed = train(cfg, tmp_path, progress=False)
+    assert resumed.resumed_from == 50
+    chex.assert_trees_all_equal(resumed.params, straight.params)
+    np.testing.assert_array_equal(resumed.losses, straight.losses)
+
+
+def test_training_seconds_survive_resumption_and_a_rerun_of_a_finished_run(tmp_path):
+    cfg = TINY.replace(n_steps=100)
+    partial = train(cfg, tmp_path, progress=False, stop_after=50)
+    resumed = train(cfg, tmp_path, progress=False)
+    assert partial.train_seconds > 0
+    # The resumed run reports the time of all 100 steps: the 50 before the interruption included.
+    assert resumed.train_seconds > partial.train_seconds
+    assert resumed.timed_steps == 100
+    # A re-run after training finished (e.g. a study that crashed later) trains nothing but keeps the timings.
+    again = train(cfg, tmp_path, progress=False)
+    assert again.resumed_from == 100
+    assert again.train_seconds == pytest.approx(resumed.train_seconds, rel=1e-12)
+    assert again.tasks_per_second == pytest.approx(resumed.tasks_per_second, rel=1e-12)
+    assert again.tasks_per_second > 0
+
+
+@pytest.mark.parametrize("warmup", [110, 500])
+def test_warmup_longer_than_the_run_is_rejected_with_the_range(warmup):
+    with pytest.raises(ValueError, match=r"warmup_steps must be in \[0, n_steps - 1\] = \[0, 109\]"):
+        TINY.replace(n_steps=110, schedule="warmup_cosine", warmup_steps=warmup)
+    TINY.replace(n_steps=110, schedule="warmup_cosine", warmup_steps=109)  # the largest accepted value
+
+
+def test_warmup_steps_without_the_warmup_schedule_is_rejected():
+    with pytest.raises(ValueError, match="warmup_steps.*only applies to schedule='warmup_cosine'"):
+        TINY.replace(schedule="cosine", warmup_steps=10)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_optimizer_steps_follow_the_learning_rate_schedule(schedule):
+    # With a constant gradient Adam's first moments equal it and its update is -lr_t * sign(g) (up to eps), so the
+    # size of each update is the learning rate the optimiser applied at that step.
+    n, lr = 20, 0.01
+    cfg = TINY.replace(n_steps=n, lr=lr, clip_norm=None, schedule=schedule,
+                       warmup_steps=5 if schedule == "warmup_cosine" else 0)
+    opt = make_optimizer(cfg)
+    params = {"w": jnp.ones(3)}
+    state = opt.init(params)
+    applied = []
+    for _ in range(n):
+        updates, state = opt.update({"w": jnp.ones(3)}, state, params)
+        applied.append(-float(updates["w"][0]))
+    expected = {"constant": [lr] * n,
+                "cosine": [lr * 0.5 * (1 + np.cos(np.pi * t / n)) for t in range(n)],
+                "warmup_cosine": [lr * t / 5 for t in range(5)]
+                + [lr * 0.5 * (1 + np.cos(np.pi * (t - 5) / (n - 5))) for t in range(5, n)]}[schedule]
+    np.testing.assert_allclose(applied, expected, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose([float(learning_rate_schedule(cfg)(t)) for t in range(n)], expected, rtol=1e-5,
+                               atol=1e-9)
+
+
+def test_weight_decay_shrinks_the_parameters_by_lr_times_decay():
+    cfg = TINY.replace(lr=0.1, weight_decay=0.5)
+    opt = make_optimizer(cfg)
+    params = {"w": jnp.array([1.0, -2.0, 4.0])}
+    updates, _ = opt.update({"w": jnp.zeros(3)}, opt.init(params), params)  # no gradient: only the decay acts
+    np.testing.assert_allclose(optax.apply_updates(params, updates)["w"], params["w"] * (1 - 0.1 * 0.5), rtol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_each_schedule_with_weight_decay_trains_and_lowers_the_loss(schedule):
+    cfg = TINY.replace(n_steps=150, chunk_steps=150, schedule=schedule, weight_decay=1e-3,
+                       warmup_steps=15 if schedule == "warmup_cosine" else 0)
+    result = train(cfg, progress=False)
+    first, last = result.losses[0, :15].mean(), result.losses[0, -15:].mean()
+    assert np.isfinite(last) and last < 0.8 * first, (schedule, first, last)

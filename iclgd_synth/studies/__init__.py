@@ -70,11 +70,22 @@ def register(name: str, description: str, runner: Callable[..., Path]) -> None:
     DESCRIPTIONS[name] = description
 
 
+_STUDY_FIELDS = {f.name for f in dataclasses.fields(GDComparisonStudy)} - {"name", "description", "train", "models"}
+
+
 def _gd_runner(preset: GDComparisonStudy) -> Callable[..., Path]:
     def runner(quick: bool = False, root: str = "runs", force: bool = False, progress: bool = True, **overrides):
+        """``overrides``: fields of the study (tune_tasks, ood, llm_weights, llm_max_layers, ...) or of its
+        TrainConfig (n_steps, seeds, eval_batch, ...); ``no_llm_weights=True`` drops the LLM comparison. Setting
+        ``llm_max_layers`` keeps the preset's LLM comparison under ``quick`` too (reading that many layers)."""
         study = preset.quick() if quick else preset
+        if overrides.get("llm_max_layers") is not None and "llm_weights" not in overrides:
+            overrides["llm_weights"] = preset.llm_weights
         if overrides.pop("no_llm_weights", False):
-            study = dataclasses.replace(study, llm_weights=())
+            overrides.update(llm_weights=(), llm_max_layers=None)
+        study_changes = {k: overrides.pop(k) for k in list(overrides) if k in _STUDY_FIELDS}
+        if study_changes:
+            study = dataclasses.replace(study, **study_changes)
         if overrides:
             study = dataclasses.replace(study, train=study.train.replace(**overrides))
         return gd_comparison.run(study, root, force=force, progress=progress)
@@ -118,6 +129,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-llm-weights", action="store_true",
                         help="leave out the real-LLM weight comparison of the main job (about 15-25 s)")
+    parser.add_argument("--llm-max-layers", type=int, default=None,
+                        help="read only the first N layers of each LLM in the weight comparison; keeps the "
+                             "comparison under --quick too")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -133,6 +147,8 @@ def main(args: argparse.Namespace) -> int:
         overrides["seeds"] = tuple(args.seeds)
     if getattr(args, "no_llm_weights", False):
         overrides["no_llm_weights"] = True
+    if getattr(args, "llm_max_layers", None) is not None:
+        overrides["llm_max_layers"] = args.llm_max_layers
     out = run_study(args.name, quick=args.quick, root=args.root, force=args.force,
                     progress=not args.no_progress, **overrides)
     print(out / "report.md")

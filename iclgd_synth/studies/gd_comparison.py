@@ -9,7 +9,6 @@ approach GD++. Every model of a study is trained with the same data and optimise
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import shutil
 import time
@@ -24,6 +23,7 @@ from iclgd_synth import plotting
 from iclgd_synth.constructions import gd_params, gdpp_params
 from iclgd_synth.learners import GD, GDPlusPlus, LeastSquares, tune_gd, tune_gdpp
 from iclgd_synth.model import ModelConfig, TransformerParams
+from iclgd_synth.studies.expectations import expectation_table
 from iclgd_synth.studies.rundir import finish_run, is_finished, read_json, run_directory, write_json, write_text_atomic
 from iclgd_synth.tasks import sample
 from iclgd_synth.train import TrainConfig, train
@@ -38,17 +38,19 @@ class GDComparisonStudy:
     Attributes:
       name: run-directory prefix and CLI name.
       description: one line for the report and ``iclgd run --list``.
-      train: training settings shared by all models (its ``model`` field is replaced by each entry of ``models``).
+      train: training settings shared by all models (its ``model`` field is replaced by each entry of ``models``);
+        its ``eval_batch`` is the number of held-out tasks for all reported losses and metrics (:attr:`eval_tasks`).
       models: (label, ModelConfig) pairs to train.
       baseline_steps: K, the number of GD (and GD++) steps in the baselines. Default 1.
       gdpp: also tune and compare GD++ with K steps. Default False.
       tune_tasks: tasks used to tune the baselines' step sizes (separate from evaluation). Default 10000.
-      eval_tasks: held-out tasks for all reported losses and metrics. Default 10000.
       ood: run the out-of-distribution sweeps. Default True.
       llm_weights: real LLM sources (``"smollm2"``, ``"minilm"`` or paths) whose attention-weight statistics are
         compared with the hand-constructed (D = d + 1) and the first trained model's weights, in a ``weights/``
-        sub-folder and a report section; skipped with a note when the optional ``llm`` extra is missing.
-        Default ().
+        sub-folder and a report section; skipped with a note when the optional ``llm`` extra is missing or a
+        source cannot be read. Default ().
+      llm_max_layers: read only the first this-many layers of each LLM (quick looks, tests); None reads all.
+        Default None.
 
     The metrics recorded over training and the OOD sweeps use ``eval_tasks`` tasks too (one batch shape, so each
     predictor is compiled once).
@@ -61,21 +63,29 @@ class GDComparisonStudy:
     baseline_steps: int = 1
     gdpp: bool = False
     tune_tasks: int = 10000
-    eval_tasks: int = 10000
     ood: bool = True
     llm_weights: tuple[str, ...] = ()
+    llm_max_layers: int | None = None
+
+    @property
+    def eval_tasks(self) -> int:
+        """Held-out tasks for every reported loss and metric: ``train.eval_batch``."""
+        return self.train.eval_batch
 
     def quick(self) -> "GDComparisonStudy":
         """A CI-sized version: few steps, small batches, few tasks (same code path)."""
         t = self.train.replace(n_steps=min(self.train.n_steps, 300), batch_size=min(self.train.batch_size, 512),
                                chunk_steps=100, checkpoint_every=100, eval_batch=1000)
-        return dataclasses.replace(self, train=t, tune_tasks=1000, eval_tasks=1000, llm_weights=())
+        return dataclasses.replace(self, train=t, tune_tasks=1000, llm_weights=())
 
     def config_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "train": self.train.to_dict(),
-                "models": [[label, dataclasses.asdict(m)] for label, m in self.models],
-                "baseline_steps": self.baseline_steps, "gdpp": self.gdpp, "tune_tasks": self.tune_tasks,
-                "eval_tasks": self.eval_tasks, "ood": self.ood, "llm_weights": list(self.llm_weights)}
+        d = {"name": self.name, "train": self.train.to_dict(),
+             "models": [[label, dataclasses.asdict(m)] for label, m in self.models],
+             "baseline_steps": self.baseline_steps, "gdpp": self.gdpp, "tune_tasks": self.tune_tasks,
+             "eval_tasks": self.eval_tasks, "ood": self.ood, "llm_weights": list(self.llm_weights)}
+        if self.llm_max_layers is not None:  # only when set, so the presets keep their run-directory hashes
+            d["llm_max_layers"] = self.llm_max_layers
+        return d
 
 
 def _is_plain_lsa(m: ModelConfig) -> bool:
@@ -150,7 +160,7 @@ def run(study: GDComparisonStudy, root: str = "runs", *, force: bool = False, pr
     ood = {}
     if study.ood:
         ood_predictors = {**predictors, "least squares": LeastSquares()}
-        for sweep in ("x_scale", "w_scale", "x_dist", "label_corruption"):
+        for sweep in M.OOD_SWEEPS:
             ood[sweep] = M.ood_sweep(ood_predictors, task, sweep, n_tasks=study.eval_tasks)
 
     first = study.models[0][0]
@@ -158,20 +168,24 @@ def run(study: GDComparisonStudy, root: str = "runs", *, force: bool = False, pr
     metrics = {**baselines, **{k_: v for k_, v in results[first].items() if k_ != "history"},
                "models": {lbl: {k_: v for k_, v in r.items() if k_ != "history"} for lbl, r in results.items()},
                "ood": ood, "llm_weights": llm, "total_seconds": time.perf_counter() - t_start}
-    figures = _figures(out, study, baselines, results, trained, hand, hand_pp, losses, ood, d)
+    figures = _figures(out, study, baselines, results, trained, hand, hand_pp, losses, ood, d, eval_batch)
     return finish_run(out, study.name, _report(study, metrics, results, figures), metrics)
 
 
 def _llm_comparison(study: GDComparisonStudy, trained: TransformerParams, out: Path, progress: bool) -> dict:
-    """Weight statistics of the hand and trained weights against real LLM weights (optional ``llm`` extra)."""
+    """Weight statistics of the hand and trained weights against real LLM weights (optional ``llm`` extra).
+
+    Runs after training, so a missing package or file, or a checkpoint it cannot read (bad layout, head count:
+    ValueError), is recorded as skipped with the message instead of ending the study.
+    """
     try:
         from iclgd_synth.weights.report import weights_report
 
         d = study.train.task.dim + study.train.task.out_dim
         rep = weights_report(list(study.llm_weights), out, trained, trained_note="this run's trained model",
-                             hand=(("gd", d), ("gdpp", d)), progress=progress)
-    except (ModuleNotFoundError, FileNotFoundError) as e:
-        return {"skipped": str(e)}
+                             hand=(("gd", d), ("gdpp", d)), max_layers=study.llm_max_layers, progress=progress)
+    except (ModuleNotFoundError, FileNotFoundError, ValueError) as e:
+        return {"skipped": f"{type(e).__name__}: {e}"}
     return {"inside_counts": rep["inside_counts"], "summary_markdown": rep["summary_markdown"],
             "seconds": rep["seconds"], "report": "weights/report.md"}
 
@@ -218,53 +232,77 @@ def _truncate_history(path: Path, history: list[dict], n_steps: int) -> None:
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in history))
 
 
-def _figures(out, study, baselines, results, trained, hand, hand_pp, losses, ood, d) -> dict[str, str]:
-    figs: dict[str, str] = {}
+def _figures(out, study, baselines, results, trained, hand, hand_pp, losses, ood, d, eval_batch
+             ) -> dict[str, tuple[str, str]]:
+    """Write the PNG figures; returns name -> (file name, caption)."""
+    figs: dict[str, tuple[str, str]] = {}
     k = study.baseline_steps
     base = {f"tuned GD, {k} step{'s' * (k > 1)}": baselines["gd_loss"]}
     if "gdpp_loss" in baselines:
         base[f"tuned GD++, {k} steps"] = baselines["gdpp_loss"]
     for label, l in losses.items():
-        figs[f"loss_{label}"] = plotting.loss_curves(out / f"loss_{label}.png", l, base,
-                                                     title=f"{study.name}: {label}").name
+        figs[f"loss_{label}"] = (plotting.loss_curves(out / f"loss_{label}.png", l, base,
+                                                      title=f"{study.name}: {label}").name,
+                                 f"Training loss of {label} per step (mean over seeds, smoothed) against the tuned "
+                                 "baselines' held-out losses.")
         hist = results[label]["history"]
         if hist:
             keys = [c for c in hist[0] if c != "step"]
-            figs[f"metrics_{label}"] = plotting.metrics_over_training(
+            figs[f"metrics_{label}"] = (plotting.metrics_over_training(
                 out / f"metrics_{label}.png", [h["step"] for h in hist], {c: [h[c] for h in hist] for c in keys},
-                title=f"{label} vs tuned GD over training").name
+                title=f"{label} vs tuned GD over training").name,
+                f"{label} (first seed) against the tuned baselines over training, on the held-out tasks.")
         params = trained[label]
         layer = params.layers[0]
         if "w_q" in layer and layer["w_q"].shape[0] == 1:
-            kq_h, pv_h = M.effective_products(hand)
-            mats = {}
-            for i in range(len(params.layers)):
-                kq, pv = M.effective_products(params, i)
-                mats[f"trained L{i + 1} W_K^T W_Q"] = np.asarray(kq)
-                mats[f"trained L{i + 1} P W_V"] = np.asarray(pv)
-            mats["GD construction W_K^T W_Q"] = np.asarray(kq_h)
-            mats["GD construction P W_V"] = np.asarray(pv_h)
-            if hand_pp is not None:
-                mats["GD++ construction P W_V"] = np.asarray(M.effective_products(hand_pp)[1])
-            figs[f"weights_{label}"] = plotting.weight_heatmaps(out / f"weights_{label}.png", mats).name
+            mats, betas = _rescaled_heatmap_matrices(params, hand, hand_pp, d)
+            figs[f"weights_{label}"] = (plotting.weight_heatmaps(
+                out / f"weights_{label}.png", mats,
+                title="rescaled by beta (mean diagonal of the x-block of W_K^T W_Q): "
+                      "W_K^T W_Q / beta, beta P W_V").name,
+                f"W_K^T W_Q and P W_V of the trained {label} and of the hand construction, each rescaled by its beta "
+                "(the mean diagonal of the x-block of its W_K^T W_Q): W_K^T W_Q / beta and beta P W_V, which leaves "
+                "the model unchanged and is what the alignment cosines compare. Trained betas: "
+                + ", ".join(betas) + ".")
         if "per_layer_losses" in results[label]:
             curves = {f"trained {label}": results[label]["per_layer_losses"]}
-            curves["hand GD construction"] = M.per_layer_losses(hand, _eval_like(study))
+            curves["hand GD construction"] = M.per_layer_losses(hand, eval_batch)
             if hand_pp is not None:
-                curves["hand GD++ construction"] = M.per_layer_losses(hand_pp, _eval_like(study))
-            figs[f"layers_{label}"] = plotting.per_layer_losses(out / f"layers_{label}.png", curves).name
+                curves["hand GD++ construction"] = M.per_layer_losses(hand_pp, eval_batch)
+            figs[f"layers_{label}"] = (plotting.per_layer_losses(out / f"layers_{label}.png", curves).name,
+                                       f"Held-out loss of the read-out after each layer application of {label}, "
+                                       "against the hand constructions (after K layers: K steps of GD / GD++).")
     if ood:
-        figs["ood"] = plotting.ood_curves(out / "ood.png", ood).name
+        figs["ood"] = (plotting.ood_curves(out / "ood.png", ood).name,
+                       "Out-of-distribution losses: inputs scaled, task weights scaled, other input laws (each "
+                       "rescaled to the training law's second moment E[x_j^2]), context labels replaced.")
     return figs
 
 
-@functools.lru_cache(maxsize=4)
-def _eval_like_cached(task, n):
-    return sample(jax.random.PRNGKey(EVAL_SEED), task, n)
+def _rescaled_heatmap_matrices(params, hand, hand_pp, d) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Trained (each layer) and hand products, rescaled by beta as :func:`metrics.weight_alignment` does.
 
-
-def _eval_like(study):
-    return _eval_like_cached(study.train.task, study.eval_tasks)
+    A trained layer whose beta is ~0 (or not finite) cannot be rescaled; it is shown raw and labelled so.
+    """
+    mats: dict[str, np.ndarray] = {}
+    betas = []
+    for i in range(len(params.layers)):
+        kq, pv, beta = M.rescaled_products(params, d, i)
+        if np.isfinite(beta) and abs(beta) > 1e-8:
+            mats[f"trained L{i + 1} W_K^T W_Q / beta"] = np.asarray(kq)
+            mats[f"trained L{i + 1} beta P W_V"] = np.asarray(pv)
+            betas.append(f"L{i + 1} {beta:.4g}")
+        else:
+            kq, pv = M.effective_products(params, i)
+            mats[f"trained L{i + 1} W_K^T W_Q (raw)"] = np.asarray(kq)
+            mats[f"trained L{i + 1} P W_V (raw)"] = np.asarray(pv)
+            betas.append(f"L{i + 1} {beta:.3g} (too small to rescale: shown raw)")
+    kq_h, pv_h, _ = M.rescaled_products(hand, d)
+    mats["GD construction W_K^T W_Q / beta"] = np.asarray(kq_h)
+    mats["GD construction beta P W_V"] = np.asarray(pv_h)
+    if hand_pp is not None:
+        mats["GD++ construction beta P W_V"] = np.asarray(M.rescaled_products(hand_pp, d)[1])
+    return mats, betas
 
 
 def _fmt(v: Any) -> str:
@@ -273,7 +311,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _report(study: GDComparisonStudy, metrics: dict, results: dict, figures: dict[str, str]) -> str:
+def _report(study: GDComparisonStudy, metrics: dict, results: dict, figures: dict[str, tuple[str, str]]) -> str:
     t = study.train
     k = study.baseline_steps
     lines = [f"# {study.name}", "", study.description, "",
@@ -281,10 +319,19 @@ def _report(study: GDComparisonStudy, metrics: dict, results: dict, figures: dic
              f"w ~ N(0, {t.task.w_scale}^2 I), noise {t.task.noise}. Training: {t.n_steps} steps of {t.batch_size} "
              f"tasks, AdamW lr {t.lr}, betas ({t.b1}, {t.b2}), clip {t.clip_norm}, seeds {list(t.seeds)}. "
              f"All losses are half-MSE on the query of {study.eval_tasks} held-out tasks; step sizes were tuned on "
-             f"{study.tune_tasks} other tasks.", "", "## Baselines", "",
-             "| learner | loss | hyper-parameters |", "|---|---|---|",
-             f"| tuned GD, {k} step(s) | {_fmt(metrics['gd_loss'])} | eta = {_fmt(metrics['gd_eta'])} |",
-             f"| hand-constructed LSA (GD) | {_fmt(metrics['hand_loss'])} | same eta |"]
+             f"{study.tune_tasks} other tasks.", ""]
+    table = expectation_table(study.name, metrics)
+    if table:
+        lines += ["## Expected (reference paper) vs measured", "",
+                  "What the reference paper (*Transformers learn in-context by gradient descent*) leads us to expect, "
+                  "what this run measured, and whether it is met. The reference numbers are for the full preset "
+                  "(d = N = 10, x ~ U(-0.5, 0.5), the preset's training length): a `--quick` run trains too briefly "
+                  "for the trained-model rows. \"tolerance ours\" marks where the paper is qualitative and the "
+                  "threshold is this project's reading of it.", "", table]
+    lines += ["## Baselines", "",
+              "| learner | loss | hyper-parameters |", "|---|---|---|",
+              f"| tuned GD, {k} step(s) | {_fmt(metrics['gd_loss'])} | eta = {_fmt(metrics['gd_eta'])} |",
+              f"| hand-constructed LSA (GD) | {_fmt(metrics['hand_loss'])} | same eta |"]
     if "gdpp_loss" in metrics:
         lines += [f"| tuned GD++, {k} step(s) | {_fmt(metrics['gdpp_loss'])} | eta = {_fmt(metrics['gdpp_eta'])}, "
                   f"gamma = {_fmt(metrics['gdpp_gamma'])} |",
@@ -308,7 +355,11 @@ def _report(study: GDComparisonStudy, metrics: dict, results: dict, figures: dic
         if "per_layer_losses" in r:
             lines.append(f"Per-layer losses of {lbl}: " + ", ".join(f"{v:.4g}" for v in r["per_layer_losses"]))
     if metrics.get("ood"):
-        lines += ["", "## Out of distribution", ""]
+        lines += ["", "## Out of distribution", "",
+                  f"Losses on {study.eval_tasks} tasks per point. **{M.X_DIST_SWEEP}**: each input law is rescaled "
+                  f"(x_scale) so that its per-coordinate second moment E[x_j^2] equals the training law's "
+                  f"({M.input_second_moment(t.task):.4g}); the sweep measures the law's shape, not its scale (the "
+                  "x_scale sweep does that). The exponential law keeps its nonzero mean.", ""]
         for sweep, sw in metrics["ood"].items():
             rows = {name: {str(v): l for v, l in zip(sw["values"], ls)} for name, ls in sw["losses"].items()}
             lines += [f"**{sweep}**", "", M.metric_table(rows, [str(v) for v in sw["values"]])]
@@ -318,11 +369,16 @@ def _report(study: GDComparisonStudy, metrics: dict, results: dict, figures: dic
         if "skipped" in llm:
             lines.append(f"Skipped: {llm['skipped']}")
         else:
+            limit = (f" Only the first {study.llm_max_layers} layer(s) of each LLM were read."
+                     if study.llm_max_layers is not None else "")
             lines += ["Attention-weight statistics of the hand-constructed and trained weights against the layers and "
                       "heads of real LLMs (a value is inside when it lies between the LLM's 1st and 99th percentile). "
-                      f"Full tables and figures: [{llm['report']}]({llm['report']}).", "", llm["summary_markdown"]]
-    lines += ["", "## Figures", ""] + [f"![{k_}]({v})" for k_, v in figures.items()]
-    lines += ["", f"Total time: {metrics['total_seconds']:.1f} s.", ""]
+                      f"Full tables and figures: [{llm['report']}]({llm['report']}).{limit}", "",
+                      llm["summary_markdown"]]
+    lines += ["", "## Figures", ""]
+    for name, (file, caption) in figures.items():
+        lines += [f"![{name}]({file})", "", f"*{caption}*", ""]
+    lines += [f"Total time: {metrics['total_seconds']:.1f} s.", ""]
     return "\n".join(lines)
 
 
