@@ -16,8 +16,9 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -107,11 +108,37 @@ def equivalence_table(batch_size: int = 1000, max_layers: int = 5, *, seed: int 
     return rows
 
 
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``, else a clean usage error (exit status 2), not a traceback."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite real number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite real number, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=1000, help="number of tasks (default 1000)")
-    parser.add_argument("--max-layers", type=int, default=5, help="K runs over 1..max-layers (default 5)")
-    parser.add_argument("--seed", type=int, default=0, help="PRNG seed of the tasks (default 0)")
-    parser.add_argument("--gamma", type=float, default=0.1, help="GD++ input-transformation strength (default 0.1)")
+    parser.add_argument("--batch-size", type=_int_at_least(1), default=1000, help="number of tasks (default 1000)")
+    parser.add_argument("--max-layers", type=_int_at_least(1), default=5,
+                        help="K runs over 1..max-layers (default 5)")
+    parser.add_argument("--seed", type=_int_at_least(0), default=0, help="PRNG seed of the tasks (default 0)")
+    parser.add_argument("--gamma", type=_finite_float, default=0.1,
+                        help="GD++ input-transformation strength (default 0.1)")
     parser.add_argument("--matmul-precision", default=None, choices=["default", "high", "highest"],
                         help="jax.default_matmul_precision for the run (default: the backend's own default)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")

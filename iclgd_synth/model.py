@@ -19,6 +19,7 @@ times, a *deep* model K layers looped once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.struct
@@ -223,8 +224,18 @@ def forward(params: TransformerParams, tokens_BxTxD: Array, n_ctx_tokens: int, *
 
     Returns the final tokens (B, T, D), or with ``query_only`` the final query token (B, 1, D) (the last layer then
     updates the query alone). With ``return_all``, the list of the tokens after each layer application.
+
+    Jit-compiled once per architecture, shapes and flags (the static ``arch`` is part of the params' tree structure),
+    so repeated eager calls, recurrent roll-outs included, reuse one executable.
     """
     check_choice("form", form, attn.FORMS)
+    return _forward(params, tokens_BxTxD, n_ctx_tokens=int(n_ctx_tokens), form=form, query_only=bool(query_only),
+                    return_all=bool(return_all))
+
+
+@functools.partial(jax.jit, static_argnames=("n_ctx_tokens", "form", "query_only", "return_all"))
+def _forward(params: TransformerParams, tokens_BxTxD: Array, *, n_ctx_tokens: int, form: str, query_only: bool,
+             return_all: bool) -> Array | list[Array]:
     arch, layers = params.arch, params.layers
     t = tokens_BxTxD.shape[1]
     keys_T = attn.key_mask(t, n_ctx_tokens, arch.include_query)
@@ -254,10 +265,17 @@ def predict(params: TransformerParams, batch: TaskBatch, *, form: str = "auto", 
 
     One function serves hand-constructed, trained and interpolated parameters. ``form`` picks the dual (default for
     linear attention) or quadratic computation; ``w0`` places an initial model in the query token (concat layout).
+    Arguments are checked here; the computation is one jit-compiled call, compiled once per architecture and shapes.
     """
     check_params(params)
+    check_choice("form", form, attn.FORMS)
     batch = validate_batch(batch)
     check_token_dim(params, batch)
+    return _predict(params, batch.replace(w=None), w0, form=form)
+
+
+@functools.partial(jax.jit, static_argnames=("form",))
+def _predict(params: TransformerParams, batch: TaskBatch, w0: Array | None, *, form: str) -> Array:
     dtype = jnp.result_type(batch.x.dtype, *jax.tree.leaves(params))
     tokens = build_tokens(jax.tree.map(lambda a: a.astype(dtype), batch), params.arch.layout, w0)
     out = forward(params, tokens, n_context_tokens(batch.n_context, params.arch.layout), form=form, query_only=True)

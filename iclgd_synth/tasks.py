@@ -28,7 +28,8 @@ X_DISTRIBUTIONS = ("uniform", "normal", "anisotropic", "laplace", "exponential")
 
 @flax.struct.dataclass
 class TaskBatch:
-    """A batch of regression tasks. All fields are arrays (NumPy or JAX, float32 or float64).
+    """A batch of regression tasks. All fields are arrays (NumPy or JAX, float32 or float64); nested Python lists are
+    accepted too and become arrays on validation (:meth:`create` validates at construction).
 
     Attributes:
       x: context inputs, (B, N, d).
@@ -65,6 +66,11 @@ class TaskBatch:
         """True for (B, N, d_out) labels; predictions then have shape (B, d_out) rather than (B,)."""
         return np.ndim(self.y) == 3
 
+    @classmethod
+    def create(cls, x: Any, y: Any, x_query: Any, y_query: Any, w: Any = None) -> "TaskBatch":
+        """A validated batch from arrays or nested lists: shapes checked now, JAX arrays of one float dtype."""
+        return validate_batch(cls(x=x, y=y, x_query=x_query, y_query=y_query, w=w))
+
     def validated(self) -> "TaskBatch":
         """Check shapes (clear errors naming the field) and return a copy with JAX arrays of one float dtype."""
         return validate_batch(self)
@@ -89,10 +95,27 @@ class TaskBatch:
         return jax.tree.map(lambda a: a[start:stop], self)
 
 
+_FIELDS = ("x", "y", "x_query", "y_query", "w")
+
+
+def _as_array(name: str, value: Any) -> Any:
+    """A field as an array: JAX arrays and tracers kept, anything else (nested lists, scalars) through NumPy."""
+    if not isinstance(value, (jax.Array, jax.core.Tracer, np.ndarray)):
+        try:
+            value = np.asarray(value)
+        except ValueError as e:  # ragged nested lists
+            raise ValueError(f"batch.{name} must be a rectangular array, got {type(value).__name__}: {e}") from None
+    if not (jnp.issubdtype(value.dtype, jnp.number) or jnp.issubdtype(value.dtype, jnp.bool_)):
+        raise TypeError(f"batch.{name} must hold real numbers, got dtype {value.dtype}")
+    return value
+
+
 def validate_batch(batch: TaskBatch) -> TaskBatch:
     """Shape-check a batch and convert it to JAX arrays of a common float dtype."""
     if not isinstance(batch, TaskBatch):
         raise TypeError(f"batch must be an iclgd_synth.TaskBatch, got {type(batch).__name__}")
+    # Fields one by one: jax.tree.map would walk into nested Python lists instead of treating them as arrays.
+    batch = TaskBatch(**{f: None if getattr(batch, f) is None else _as_array(f, getattr(batch, f)) for f in _FIELDS})
     if np.ndim(batch.x) != 3:
         raise ValueError(f"batch.x must have shape (B, N, d), got {np.shape(batch.x)}")
     b, n, d = np.shape(batch.x)
@@ -113,10 +136,11 @@ def validate_batch(batch: TaskBatch) -> TaskBatch:
     if batch.w is not None:
         check_shape("batch.w", batch.w, w_shape, "(B, d)" if len(w_shape) == 2 else "(B, d_out, d)")
     leaves = [batch.x, batch.y, batch.x_query, batch.y_query] + ([] if batch.w is None else [batch.w])
-    dtype = jnp.result_type(*[jnp.asarray(a).dtype for a in leaves], jnp.float32)
+    dtype = jnp.result_type(*[jax.dtypes.canonicalize_dtype(a.dtype) for a in leaves], jnp.float32)
     if not jnp.issubdtype(dtype, jnp.floating):
         dtype = jnp.float32
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype), batch)
+    return TaskBatch(**{f: None if getattr(batch, f) is None else jnp.asarray(getattr(batch, f), dtype)
+                        for f in _FIELDS})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +159,8 @@ class TaskConfig:
       condition_number: ratio of largest to smallest eigenvalue of Sigma when ``x_cov`` is None; eigenvalues are
         log-spaced with mean 1 and the eigenbasis is a random rotation drawn from ``cov_seed``. Default 10.
       cov_seed: seed of that rotation. Default 0.
+        ``x_cov``, ``condition_number`` and ``cov_seed`` only shape the "anisotropic" law: setting any of them to a
+        non-default value with another ``x_dist`` raises ValueError instead of being silently ignored.
       w_scale: tau, the standard deviation of each entry of w ~ N(0, tau^2 I). Default 1.
       noise: sigma, the standard deviation of Gaussian label noise (context and query). Default 0.
       x_scale: multiplies every input after sampling (out-of-distribution tests). Default 1.
@@ -173,6 +199,16 @@ class TaskConfig:
             check_int("pool_size", self.pool_size, min_value=1)
         check_int("pool_seed", self.pool_seed, min_value=0)
         check_float("label_corruption", self.label_corruption, min_value=0.0, max_value=1.0)
+        if self.x_dist != "anisotropic":  # these only shape the anisotropic law: refuse them rather than ignore
+            defaults = {f.name: f.default for f in dataclasses.fields(TaskConfig)}
+            given = {"x_cov": self.x_cov is not None, "condition_number": self.condition_number != defaults[
+                "condition_number"], "cov_seed": self.cov_seed != defaults["cov_seed"]}
+            set_names = [n for n, is_set in given.items() if is_set]
+            if set_names:
+                name = set_names[0]
+                shown = "a matrix" if name == "x_cov" else repr(getattr(self, name))
+                raise ValueError(f"{name} is only used with x_dist='anisotropic' (got x_dist={self.x_dist!r} and "
+                                 f"{name} = {shown}); set x_dist='anisotropic' or leave {name} out")
         if self.x_cov is not None:
             cov = np.asarray(self.x_cov, dtype=np.float64)
             check_shape("x_cov", cov, (self.dim, self.dim), "(d, d)")
@@ -212,9 +248,26 @@ def sample_tasks(key: PRNGKey, batch_size: int, n_context: int, dim: int, **opti
     ``options`` are the fields of :class:`TaskConfig` (x_dist, x_range, w_scale, noise, pool_size, ...), plus
     ``dtype`` (default: JAX's default float, float64 when x64 is enabled). Jit-compiled; same key, same tasks.
     """
-    dtype = options.pop("dtype", None)
+    dtype = check_dtype(options.pop("dtype", None))
     config = task_config(n_context, dim, **options)
     return sample(key, config, check_int("batch_size", batch_size, min_value=1), dtype=dtype)
+
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def check_dtype(dtype: Any) -> Any:
+    """``None`` (JAX's default float) or one of :data:`FLOAT_DTYPES` as a NumPy dtype; TypeError otherwise."""
+    if dtype is None:
+        return None
+    accepted = f"dtype must be a float dtype ({', '.join(FLOAT_DTYPES[:-1])} or {FLOAT_DTYPES[-1]}) or None"
+    try:
+        dt = jnp.dtype(dtype)
+    except (TypeError, ValueError):
+        raise TypeError(f"{accepted}, got {dtype!r}") from None
+    if dt.name not in FLOAT_DTYPES:
+        raise TypeError(f"{accepted}, got {dt.name}")
+    return dt
 
 
 #: Real-valued TaskConfig fields passed to the compiled sampler as traced values, so sweeping them (out-of-distribution
@@ -227,7 +280,7 @@ def sample(key: PRNGKey, config: TaskConfig, batch_size: int, dtype: Any = None)
     values = {f: getattr(config, f) for f in _TRACED_FIELDS}
     static = config.replace(x_range=1.0, w_scale=1.0, x_scale=1.0, noise=float(config.noise > 0),
                             label_corruption=0.5 * (config.label_corruption > 0))
-    return _sample(key, static, values, batch_size, None if dtype is None else jnp.dtype(dtype))
+    return _sample(key, static, values, batch_size, check_dtype(dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "batch_size", "dtype"))
@@ -257,7 +310,7 @@ def task_pool(config: TaskConfig, dtype: Any = None, w_scale: Any = None) -> Arr
     """The finite pool of task weights, (M, d_out, d), drawn from ``config.pool_seed`` alone."""
     if config.pool_size is None:
         raise ValueError("task_pool needs a config with pool_size set (an integer >= 1)")
-    dtype = jnp.dtype(dtype) if dtype is not None else jnp.zeros(()).dtype
+    dtype = jnp.zeros(()).dtype if dtype is None else check_dtype(dtype)
     key = jax.random.PRNGKey(config.pool_seed)
     shape = (config.pool_size, config.out_dim, config.dim)
     return (config.w_scale if w_scale is None else w_scale) * jax.random.normal(key, shape, dtype)
@@ -265,7 +318,7 @@ def task_pool(config: TaskConfig, dtype: Any = None, w_scale: Any = None) -> Arr
 
 def input_covariance(config: TaskConfig, dtype: Any = None) -> Array:
     """Covariance of one input vector under ``config`` (before ``x_scale``), (d, d)."""
-    dtype = jnp.dtype(dtype) if dtype is not None else jnp.zeros(()).dtype
+    dtype = jnp.zeros(()).dtype if dtype is None else check_dtype(dtype)
     d = config.dim
     if config.x_dist == "uniform":
         return jnp.eye(d, dtype=dtype) * (config.x_range**2 / 3.0)

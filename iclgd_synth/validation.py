@@ -11,6 +11,7 @@ import numbers
 from typing import Any, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -44,10 +45,16 @@ def check_float(
     """Check a scalar or array of reals: finite and inside the range. Tracers pass through unchanged."""
     if not is_concrete(value):
         return value
+    # Strings and booleans convert to floats without complaint ("1" -> 1.0, True -> 1.0): refuse them explicitly.
+    if isinstance(value, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
     try:
-        arr = np.asarray(value, dtype=np.float64)
+        raw = np.asarray(value)
+        if not (jnp.issubdtype(raw.dtype, jnp.floating) or jnp.issubdtype(raw.dtype, jnp.integer)):
+            raise TypeError  # bool, complex, string or object arrays
+        arr = raw.astype(np.float64)
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+        raise TypeError(f"{name} must be a real number (or an array of reals), got {value!r}") from None
     lo = "(" if strict_min else "["
     rng = f" in {lo}{'-inf' if min_value is None else min_value}, {'inf' if max_value is None else max_value}]"
     if not np.all(np.isfinite(arr)):
@@ -72,7 +79,8 @@ def check_shape(name: str, value: Any, expected: tuple[int | None, ...], legend:
     shape = tuple(np.shape(value))
     ok = len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape))
     if not ok:
-        want = "(" + ", ".join("?" if e is None else str(e) for e in expected) + ")"
+        sizes = ["?" if e is None else str(e) for e in expected]
+        want = "(" + ", ".join(sizes) + ("," if len(sizes) == 1 else "") + ")"  # (2,) like Python's 1-tuples
         raise ValueError(f"{name} must have shape {legend} = {want}, got {shape}")
 
 

@@ -83,3 +83,21 @@ def test_cli_equivalence_json(capsys):
     assert cli.main(["equivalence", "--json", "--batch-size", "64", "--max-layers", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["max_abs_diff"] < 1e-10 for r in out["rows"] if r["dtype"] == "float64"] == [True, True]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-size", "-3"], "argument --batch-size: must be an integer >= 1, got -3"),
+    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
+    (["--max-layers", "0"], "argument --max-layers: must be an integer >= 1, got 0"),
+    (["--max-layers", "2.5"], "argument --max-layers: must be an integer >= 1, got '2.5'"),
+    (["--seed", "-1"], "argument --seed: must be an integer >= 0, got -1"),
+    (["--gamma", "nan"], "argument --gamma: must be a finite real number, got 'nan'"),
+])
+def test_bad_sizes_give_a_clean_usage_error_with_exit_status_2(capsys, argv, message):
+    parser = argparse.ArgumentParser(prog="iclgd equivalence")
+    equivalence.add_arguments(parser)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "usage: iclgd equivalence" in err and "Traceback" not in err

@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+import logging
 
 import chex
 import jax
@@ -19,7 +21,7 @@ from hypothesis import strategies as st
 import iclgd_synth as ic
 from iclgd_synth import attention as attn
 from iclgd_synth.model import forward, layer_norm
-from iclgd_synth.tokens import build_tokens, n_context_tokens
+from iclgd_synth.tokens import build_tokens, n_context_tokens, read_out
 
 # Jitting the whole prediction compiles one program per shape (~0.1 s) instead of one per eager op (~0.5 s in all).
 _predict = jax.jit(ic.lsa_predict, static_argnames=("form",))
@@ -373,3 +375,108 @@ def test_lsa_predict_rejects_unknown_form_and_bad_w0(small):
 def test_model_config_rejects_bad_fields(name, value):
     with pytest.raises((ValueError, TypeError), match=name):
         ic.ModelConfig(**{name: value})
+
+
+# ----------------------------------------------------------------------------------------------------- token layouts
+
+def _tiny_batch(out_dim: int) -> ic.TaskBatch:
+    """B = 2 tasks, N = 2 pairs, d = 3, with every entry distinct so a misplaced entry cannot go unnoticed."""
+    x = np.arange(1.0, 13.0).reshape(2, 2, 3)
+    xq = -np.arange(1.0, 7.0).reshape(2, 3)
+    y = 100.0 + np.arange(4.0 * out_dim).reshape(2, 2, out_dim)
+    yq = 200.0 + np.arange(2.0 * out_dim).reshape(2, out_dim)
+    if out_dim == 1:
+        y, yq = y[..., 0], yq[..., 0]
+    return ic.TaskBatch(x=x, y=y, x_query=xq, y_query=yq).validated()
+
+
+@pytest.mark.parametrize("out_dim", [1, 2])
+def test_concat_tokens_are_context_pairs_then_the_query_with_zero_y_part(x64, out_dim):
+    batch = _tiny_batch(out_dim)
+    y = np.asarray(batch.labels_BxNxO())
+    tokens = np.asarray(build_tokens(batch, "concat"))
+    chex.assert_shape(tokens, (2, 3, 3 + out_dim))  # T = N + 1, D = d + d_out
+    expected = np.zeros((2, 3, 3 + out_dim))
+    for b in range(2):
+        for i in range(2):
+            expected[b, i] = np.concatenate([batch.x[b, i], y[b, i]])  # e_i = (x_i, y_i)
+        expected[b, 2] = np.concatenate([batch.x_query[b], np.zeros(out_dim)])  # e_q = (x_q, 0), last
+    np.testing.assert_array_equal(tokens, expected)
+    assert n_context_tokens(2, "concat") == 2
+
+
+@pytest.mark.parametrize("out_dim", [1, 2])
+def test_concat_query_token_carries_minus_w0_x_query(x64, out_dim):
+    # "Transformers learn in-context by gradient descent": with an initial model W0 the query is (x_q, -W0 x_q).
+    batch = _tiny_batch(out_dim)
+    w0 = np.arange(1.0, 1.0 + 3 * out_dim).reshape(out_dim, 3) / 10.0
+    tokens = np.asarray(build_tokens(batch, "concat", w0=w0 if out_dim > 1 else w0[0]))
+    for b in range(2):
+        np.testing.assert_allclose(tokens[b, 2, 3:], -w0 @ np.asarray(batch.x_query[b]), rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(tokens[b, 2, :3], batch.x_query[b])
+    np.testing.assert_array_equal(tokens[:, :2], np.asarray(build_tokens(batch, "concat"))[:, :2])  # context as is
+    per_task = np.stack([w0, 2 * w0])  # a batched (B, d_out, d) W0
+    tokens = np.asarray(build_tokens(batch, "concat", w0=per_task))
+    np.testing.assert_allclose(tokens[1, 2, 3:], -2 * w0 @ np.asarray(batch.x_query[1]), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("out_dim", [1, 2])
+def test_interleaved_tokens_are_x1_then_0_y1_and_so_on_then_the_query(x64, out_dim):
+    batch = _tiny_batch(out_dim)
+    y = np.asarray(batch.labels_BxNxO())
+    tokens = np.asarray(build_tokens(batch, "interleaved"))
+    chex.assert_shape(tokens, (2, 5, 3 + out_dim))  # T = 2N + 1
+    expected = np.zeros((2, 5, 3 + out_dim))
+    for b in range(2):
+        for i in range(2):
+            expected[b, 2 * i, :3] = batch.x[b, i]  # (x_i, 0)
+            expected[b, 2 * i + 1, 3:] = y[b, i]  # (0, y_i)
+        expected[b, 4, :3] = batch.x_query[b]  # (x_q, 0), last
+    np.testing.assert_array_equal(tokens, expected)
+    assert n_context_tokens(2, "interleaved") == 4
+
+
+def test_read_out_is_minus_the_y_part_of_the_last_token():
+    tokens = jnp.arange(2 * 3 * 5.0).reshape(2, 3, 5)
+    chex.assert_trees_all_equal(read_out(tokens, 3, False), -tokens[:, -1, 3])
+    chex.assert_trees_all_equal(read_out(tokens, 3, True), -tokens[:, -1, 3:])
+
+
+# ----------------------------------------------------------------------------------------- compiled once, then reused
+
+@contextlib.contextmanager
+def _count_compiles():
+    """Collect JAX's "Compiling ..." log lines (jax.log_compiles) emitted inside the block."""
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("Compiling"):
+                records.append(record.getMessage())
+
+    handler, logger = Collect(level=logging.DEBUG), logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles():
+            yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize("options", [dict(recurrent=True), dict(recurrent=False)], ids=["recurrent", "deep"])
+def test_repeated_eager_lsa_predict_compiles_nothing_new(options):
+    # The recurrent path used to build a fresh fori_loop closure per call, so every eager call recompiled it.
+    def run(params, batch):  # the prediction, and the forward pass on given tokens
+        return ic.lsa_predict(params, batch), ic.forward(params, build_tokens(batch), 7)
+
+    params, batch = ic.gd_params(4, 0.3, 4, **options), _np_batch(3, 9, 7, 4).validated()
+    first, _ = run(params, batch)
+    with _count_compiles() as compiled:
+        jax.block_until_ready(jax.jit(lambda v: v * 2.0 + 1.0)(1.0))  # a fresh function: the log capture works
+        n_guard = len(compiled)
+        # Same architecture and shapes, new weights and tasks.
+        second, _ = jax.block_until_ready(run(ic.gd_params(4, 0.4, 4, **options), _np_batch(4, 9, 7, 4).validated()))
+    assert n_guard >= 1
+    assert compiled[n_guard:] == []
+    chex.assert_shape([first, second], (9,))
+    chex.assert_trees_all_close(first, ic.gd_predict(batch, 0.3, 4), atol=1e-5, rtol=1e-5)  # still 4 GD steps

@@ -272,9 +272,30 @@ def test_sample_tasks_rejects_a_non_positive_definite_x_cov(key):
         ic.sample_tasks(key, 4, 5, 2, x_dist="anisotropic", x_cov=np.eye(3))
 
 
-def test_sample_tasks_rejects_a_non_float_dtype(key):
-    with pytest.raises((TypeError, ValueError), match="dtype"):
-        ic.sample_tasks(key, 4, 5, 3, dtype=jnp.int32)
+@pytest.mark.parametrize("dtype,shown", [(jnp.int32, "int32"), ("foo", "'foo'"), (bool, "bool"),
+                                         (np.complex64, "complex64"), ("int8", "int8")])
+def test_sample_tasks_rejects_a_non_float_dtype_listing_the_accepted_ones(key, dtype, shown):
+    message = rf"dtype must be a float dtype \(float16, bfloat16, float32 or float64\) or None, got {shown}$"
+    with pytest.raises(TypeError, match=message):
+        ic.sample_tasks(key, 4, 5, 3, dtype=dtype)
+    with pytest.raises(TypeError, match=message):
+        ic.sample(key, ic.TaskConfig(dim=3, n_context=5), 4, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", jnp.bfloat16, np.float32])
+def test_sample_tasks_accepts_every_float_dtype(key, dtype):
+    chex.assert_type(jax.tree.leaves(ic.sample_tasks(key, 4, 5, 3, dtype=dtype)), jnp.dtype(dtype))
+
+
+@pytest.mark.parametrize("x_dist", ["uniform", "normal", "laplace", "exponential"])
+@pytest.mark.parametrize("name,value", [("x_cov", np.eye(3)), ("condition_number", 30.0), ("cov_seed", 2)])
+def test_anisotropic_options_with_another_input_law_are_rejected_not_ignored(key, x_dist, name, value):
+    with pytest.raises(ValueError, match=rf"{name} is only used with x_dist='anisotropic' \(got x_dist='{x_dist}'"):
+        ic.sample_tasks(key, 4, 5, 3, x_dist=x_dist, **{name: value})
+    with pytest.raises(ValueError, match=rf"{name} is only used with x_dist='anisotropic'"):
+        ic.TaskConfig(dim=3, x_dist=x_dist, **{name: value})
+    ic.TaskConfig(dim=3, x_dist="anisotropic", **{name: value})  # where it belongs, it is accepted
+    ic.TaskConfig(dim=3, x_dist=x_dist, condition_number=10.0, cov_seed=0)  # defaults, spelled out, are fine
 
 
 def test_task_pool_needs_pool_size():

@@ -1,4 +1,10 @@
-"""Shared pieces of the explicit learners: batch preparation, step-size schedules, linear read-out."""
+"""Shared pieces of the explicit learners: batch preparation, step-size schedules, linear read-out.
+
+Every public ``*_predict`` / ``*_weights`` function checks its arguments here, in Python (shapes, ranges, finite
+concrete values), then calls a module-level ``jax.jit`` core whose integer options (steps, epochs, ...) are static:
+an eager call compiles once per configuration and shapes and reuses the executable, and under an outer jit / vmap
+the core is simply inlined (hyper-parameters may then be tracers, whose values the checks skip).
+"""
 
 from __future__ import annotations
 
@@ -27,16 +33,44 @@ def initial_weights(batch: TaskBatch, w0: Array | None) -> Array:
     return as_batched_weights(jnp.asarray(w0, batch.x.dtype), b, o, d)
 
 
+def check_hyper(name: str, value: Any) -> Any:
+    """Check a real hyper-parameter (finite when concrete); lists and tuples become NumPy arrays (one jit leaf)."""
+    check_float(name, value)
+    return np.asarray(value) if isinstance(value, (list, tuple)) else value
+
+
+def check_schedule(name: str, value: Any, steps: int) -> Any:
+    """Check a scalar or per-step (steps,) hyper-parameter, ``steps`` an int >= 1 already checked."""
+    value = check_hyper(name, value)
+    shape = tuple(np.shape(value))
+    if shape not in ((), (steps,)):
+        raise ValueError(f"{name} must be a scalar or have shape (steps,) = ({steps},), got {shape}")
+    return value
+
+
+def broadcast_schedule(value: Any, steps: int, dtype) -> Array:
+    """A checked scalar or (steps,) hyper-parameter as a (steps,) array (used inside the jitted cores)."""
+    return jnp.broadcast_to(jnp.asarray(value, dtype), (steps,))
+
+
 def step_schedule(name: str, value: Any, steps: int, dtype) -> Array:
     """A scalar or per-step hyper-parameter as a (steps,) array, with clear errors."""
     steps = check_int("steps", steps, min_value=1)
-    check_float(name, value)
-    arr = jnp.asarray(value, dtype)
-    if arr.ndim == 0:
-        return jnp.full((steps,), arr)
-    if arr.shape != (steps,):
-        raise ValueError(f"{name} must be a scalar or have shape (steps,) = ({steps},), got {tuple(arr.shape)}")
-    return arr
+    return broadcast_schedule(check_schedule(name, value, steps), steps, dtype)
+
+
+def learner_inputs(batch: TaskBatch, w0: Array | None = None) -> tuple[TaskBatch, Array | None]:
+    """The validated batch without its task weights (a jitted core needs no ``w``) and W0 as (B, O, d) or None."""
+    batch = validate_batch(batch)
+    w0 = None if w0 is None else initial_weights(batch, w0)
+    return batch.replace(w=None), w0
+
+
+def start_weights(batch: TaskBatch, w0_BxOxd: Array | None) -> Array:
+    """Inside a jitted core: W0 given by :func:`learner_inputs`, or zeros."""
+    if w0_BxOxd is None:
+        return jnp.zeros((batch.batch_size, batch.out_dim, batch.dim), batch.x.dtype)
+    return w0_BxOxd
 
 
 def linear_readout(w_BxOxd: Array, x_query_Bxd: Array, vector_output: bool) -> Array:
@@ -45,6 +79,8 @@ def linear_readout(w_BxOxd: Array, x_query_Bxd: Array, vector_output: bool) -> A
 
 
 def check_positive(name: str, value: Any) -> Any:
+    """A finite real > 0 (scalar or array; tracers pass); lists and tuples become NumPy arrays."""
+    value = check_hyper(name, value)
     if is_concrete(value) and np.any(np.asarray(value) <= 0):
         raise ValueError(f"{name} must be > 0, got {value!r}")
-    return check_float(name, value)
+    return value

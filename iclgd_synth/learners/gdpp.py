@@ -12,23 +12,31 @@ improves the conditioning of X X^T, which is why trained recurrent models that l
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from iclgd_synth.learners._common import prepare, step_schedule
+from iclgd_synth.learners._common import broadcast_schedule, check_schedule, learner_inputs
 from iclgd_synth.shapes import Array
 from iclgd_synth.tasks import TaskBatch
+from iclgd_synth.validation import check_int
 
 
 def gdpp_predict(batch: TaskBatch, eta: Any, gamma: Any, steps: int = 1) -> Array:
     """Explicit GD++ prediction, (B,) (or (B, d_out)); ``eta`` and ``gamma`` scalars or (steps,) arrays."""
-    batch, y_BxNxO, _ = prepare(batch)
-    etas = step_schedule("eta", eta, steps, batch.x.dtype)
-    gammas = step_schedule("gamma", gamma, steps, batch.x.dtype)
-    n = batch.n_context
+    steps = check_int("steps", steps, min_value=1)
+    eta = check_schedule("eta", eta, steps)
+    gamma = check_schedule("gamma", gamma, steps)
+    batch, _ = learner_inputs(batch)
+    return _gdpp_predict(batch, eta, gamma, steps=steps)
+
+
+@functools.partial(jax.jit, static_argnames=("steps",))
+def _gdpp_predict(batch: TaskBatch, eta: Any, gamma: Any, *, steps: int) -> Array:
+    dtype, n = batch.x.dtype, batch.n_context
 
     def step(carry, hp):
         x_BxNxd, xq_Bxd, r_BxNxO, pred_BxO = carry
@@ -41,8 +49,9 @@ def gdpp_predict(batch: TaskBatch, eta: Any, gamma: Any, steps: int = 1) -> Arra
         xq_new = xq_Bxd - gamma_k * jnp.einsum("bde,be->bd", gram_Bxdxd, xq_Bxd)
         return (x_new, xq_new, r_BxNxO, pred_BxO), None
 
-    pred0 = jnp.zeros((batch.batch_size, batch.out_dim), batch.x.dtype)
-    (_, _, _, pred), _ = jax.lax.scan(step, (batch.x, batch.x_query, y_BxNxO, pred0), (etas, gammas))
+    hps = (broadcast_schedule(eta, steps, dtype), broadcast_schedule(gamma, steps, dtype))
+    pred0 = jnp.zeros((batch.batch_size, batch.out_dim), dtype)
+    (_, _, _, pred), _ = jax.lax.scan(step, (batch.x, batch.x_query, batch.labels_BxNxO(), pred0), hps)
     return pred if batch.vector_output else pred[:, 0]
 
 

@@ -11,37 +11,55 @@ from __future__ import annotations
 from typing import Any
 
 import flax.struct
+import jax
 import jax.numpy as jnp
 
-from iclgd_synth.learners._common import check_positive, linear_readout, prepare
+from iclgd_synth.learners._common import check_positive, learner_inputs, linear_readout
 from iclgd_synth.shapes import Array
 from iclgd_synth.tasks import TaskBatch
 
 
 def least_squares_weights(batch: TaskBatch) -> Array:
     """Minimum-norm least-squares weights per task, (B, d_out, d)."""
-    batch, y_BxNxO, _ = prepare(batch)
-    pinv_BxdxN = jnp.linalg.pinv(batch.x)
-    return jnp.einsum("bdn,bno->bod", pinv_BxdxN, y_BxNxO)
+    return _least_squares_weights(learner_inputs(batch)[0])
 
 
 def least_squares_predict(batch: TaskBatch) -> Array:
-    batch, _, _ = prepare(batch)
-    return linear_readout(least_squares_weights(batch), batch.x_query, batch.vector_output)
+    return _least_squares_predict(learner_inputs(batch)[0])
 
 
 def ridge_weights(batch: TaskBatch, lam: Any) -> Array:
     """Ridge weights per task, (B, d_out, d); ``lam`` > 0."""
-    check_positive("lam", lam)
-    batch, y_BxNxO, _ = prepare(batch)
-    gram = jnp.einsum("bnd,bne->bde", batch.x, batch.x) + lam * jnp.eye(batch.dim, dtype=batch.x.dtype)
-    rhs = jnp.einsum("bnd,bno->bdo", batch.x, y_BxNxO)
-    return jnp.swapaxes(jnp.linalg.solve(gram, rhs), -1, -2)
+    lam = check_positive("lam", lam)
+    return _ridge_weights(learner_inputs(batch)[0], lam)
 
 
 def ridge_predict(batch: TaskBatch, lam: Any) -> Array:
-    batch, _, _ = prepare(batch)
-    return linear_readout(ridge_weights(batch, lam), batch.x_query, batch.vector_output)
+    lam = check_positive("lam", lam)
+    return _ridge_predict(learner_inputs(batch)[0], lam)
+
+
+@jax.jit
+def _least_squares_weights(batch: TaskBatch) -> Array:
+    pinv_BxdxN = jnp.linalg.pinv(batch.x)
+    return jnp.einsum("bdn,bno->bod", pinv_BxdxN, batch.labels_BxNxO())
+
+
+@jax.jit
+def _least_squares_predict(batch: TaskBatch) -> Array:
+    return linear_readout(_least_squares_weights(batch), batch.x_query, batch.vector_output)
+
+
+@jax.jit
+def _ridge_weights(batch: TaskBatch, lam: Any) -> Array:
+    gram = jnp.einsum("bnd,bne->bde", batch.x, batch.x) + lam * jnp.eye(batch.dim, dtype=batch.x.dtype)
+    rhs = jnp.einsum("bnd,bno->bdo", batch.x, batch.labels_BxNxO())
+    return jnp.swapaxes(jnp.linalg.solve(gram, rhs), -1, -2)
+
+
+@jax.jit
+def _ridge_predict(batch: TaskBatch, lam: Any) -> Array:
+    return linear_readout(_ridge_weights(batch, lam), batch.x_query, batch.vector_output)
 
 
 @flax.struct.dataclass

@@ -25,7 +25,7 @@ from iclgd_synth.learners.gd import gd_predict
 from iclgd_synth.learners.gdpp import gdpp_predict
 from iclgd_synth.losses import half_mse
 from iclgd_synth.tasks import TaskBatch, validate_batch
-from iclgd_synth.validation import check_choice, check_int
+from iclgd_synth.validation import check_choice, check_float, check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +72,11 @@ def tune_gd(batch: TaskBatch, steps: int = 1, *, method: str = "exact", eta_max:
     ``method="exact"`` minimises the loss polynomial; ``"grid"`` uses :func:`grid_search` on [0, eta_max].
     """
     check_choice("method", method, ("exact", "grid"))
+    steps = check_int("steps", steps, min_value=1)
+    if eta_max is not None:
+        eta_max = float(check_float("eta_max", eta_max, min_value=0.0, strict_min=True))
+    n_grid = check_int("n_grid", n_grid, min_value=3)
+    rounds = check_int("rounds", rounds, min_value=1)
     batch = validate_batch(batch)
     if method == "grid":
         if eta_max is None:
@@ -91,6 +96,9 @@ def tune_gd(batch: TaskBatch, steps: int = 1, *, method: str = "exact", eta_max:
 
 def tune_gdpp(batch: TaskBatch, steps: int = 1, *, n_grid: int = 24, rounds: int = 4) -> Tuned:
     """Best constant (eta, gamma) for K-step GD++ on ``batch`` by grid refinement."""
+    steps = check_int("steps", steps, min_value=1)
+    n_grid = check_int("n_grid", n_grid, min_value=3)
+    rounds = check_int("rounds", rounds, min_value=1)
     batch = validate_batch(batch)
     eta_scale = _eta_scale(batch)
     gamma_max = 1.0 / float(np.mean(np.sum(np.asarray(batch.x, np.float64) ** 2, axis=(1, 2))) / batch.dim)
@@ -115,8 +123,11 @@ def grid_search(loss_fn: Callable[[dict[str, Any], Any], Any], bounds: dict[str,
     names = list(bounds)
     if not names:
         raise ValueError("bounds must name at least one parameter")
-    for name, (lo, hi) in bounds.items():
-        if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+    for name, box in bounds.items():
+        if np.shape(box) != (2,):
+            raise ValueError(f"bounds[{name!r}] must be a pair (lo, hi), got {box!r}")
+        lo, hi = (check_float(f"bounds[{name!r}]", v) for v in box)
+        if not hi > lo:
             raise ValueError(f"bounds[{name!r}] must be finite with hi > lo, got {(lo, hi)}")
 
     @jax.jit
