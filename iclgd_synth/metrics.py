@@ -16,6 +16,7 @@ A predictor is anything with the call shape ``f(batch) -> (B,)``: ``functools.pa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Mapping
 
@@ -183,6 +184,9 @@ OOD_SWEEPS: dict[str, tuple[str, tuple]] = {
 _SECOND_MOMENTS = {"normal": 1.0, "laplace": 2.0, "exponential": 2.0}  # Laplace(0, 1): 2 b^2; Exp(1): 1 + 1^2
 
 
+_TASK_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TaskConfig)}
+
+
 def input_second_moment(task: TaskConfig) -> float:
     """Mean over coordinates of E[x_j^2] under ``task``, ``x_scale`` included.
 
@@ -211,7 +215,9 @@ def ood_task(task: TaskConfig, sweep: str, value: Any) -> TaskConfig:
     field = OOD_SWEEPS[sweep][0]
     if sweep != X_DIST_SWEEP:
         return task.replace(**{field: value})
-    law = task.replace(x_dist=value, x_scale=1.0)
+    # The anisotropic law's own fields are reset when leaving it (they are rejected with any other law).
+    aniso = {} if value == "anisotropic" else {f: _TASK_DEFAULTS[f] for f in ("x_cov", "condition_number", "cov_seed")}
+    law = task.replace(x_dist=value, x_scale=1.0, **aniso)
     return law.replace(x_scale=float(np.sqrt(input_second_moment(task) / input_second_moment(law))))
 
 

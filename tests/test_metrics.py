@@ -120,3 +120,12 @@ def test_second_moments_of_the_input_laws():
     assert M.input_second_moment(TaskConfig(x_dist="laplace")) == pytest.approx(2.0)
     assert M.input_second_moment(TaskConfig(x_dist="exponential")) == pytest.approx(2.0)
     assert M.input_second_moment(TaskConfig(dim=4, x_dist="anisotropic")) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_input_law_sweep_from_an_anisotropic_training_law_drops_its_covariance():
+    cov = np.diag([4.0, 1.0, 0.25])
+    task = TaskConfig(dim=3, n_context=5, x_dist="anisotropic", x_cov=cov)
+    normal = M.ood_task(task, M.X_DIST_SWEEP, "normal")
+    assert normal.x_dist == "normal" and normal.x_cov is None
+    assert M.input_second_moment(normal) == pytest.approx(M.input_second_moment(task), rel=1e-12)
+    assert M.ood_task(task, M.X_DIST_SWEEP, "anisotropic").x_cov == task.x_cov
