@@ -1,9 +1,12 @@
 """Fine-tuning of zero-shot copies (iclgd_synth.critiques.finetune) and the layer-causality control
-(iclgd_synth.critiques.causality): the hand K-layer GD model's per-layer updates are reproduced exactly by
-forward-order adapter fine-tuning and only at layer 1 by standard fine-tuning; layer-causal gradients stay local."""
+(iclgd_synth.critiques.causality): the hand K-layer GD model's per-layer updates equal the explicit GD steps and are
+reproduced exactly by forward-order adapter fine-tuning and only at layer 1 by standard fine-tuning; layer-causal
+gradients stay local; SimAM_delta is undefined at layer 1 only; the win counts keep NaN cells and the two layer-causal
+variants apart."""
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,3 +131,100 @@ def test_hand_control_report_numbers(x64):
     assert max(r["forward_order"]["max_abs_diff"]) < 1e-12
     assert r["forward_order"]["simaou"] == pytest.approx([1.0, 1.0])
     assert r["standard"]["rel_distance"][0] < 1e-12 and r["standard"]["rel_distance"][1] > 1e-2
+
+
+@settings(max_examples=4)
+@given(d=st.integers(1, 5), n=st.integers(2, 9), k=st.integers(1, 4), eta=st.floats(0.2, 2.0),
+       seed=st.integers(0, 1000))
+def test_hand_k_layer_model_equals_the_explicit_gd_steps_at_every_layer(x64, d, n, k, eta, seed):
+    batch = ic.sample_tasks(jax.random.PRNGKey(seed), 6, n, d, x_dist="normal")
+    params = ic.gd_params(d, eta, n_layers=k, n_context=n)
+    g = CA.gd_step_updates(batch, eta, k)
+    chex.assert_shape(g, (k, 6, d + 1))
+    assert np.abs(g).max() > 1e-4
+    r = CA.gd_step_alignment(params, batch, eta)
+    assert r["simaou"] == pytest.approx([1.0] * k, abs=1e-12)
+    assert max(r["max_abs_diff"]) < 1e-12 * max(1.0, np.abs(g).max())
+    assert CA.exact_layers(r) == list(range(1, k + 1))
+
+
+def test_gd_step_alignment_measures_a_step_of_the_wrong_size(x64):
+    # ICL of the hand model with eta against GD steps with 2 eta: layer 1 is the same direction at twice the size,
+    # so SimAOU_GD = 1 and ||h - 2h|| / ||2h|| = 0.5 exactly; later layers differ in direction too.
+    batch = ic.sample_tasks(jax.random.PRNGKey(3), 16, 6, 3, x_dist="normal")
+    r = CA.gd_step_alignment(ic.gd_params(3, 0.5, n_layers=2, n_context=6), batch, 1.0)
+    assert r["simaou"][0] == pytest.approx(1.0, abs=1e-12)
+    assert r["rel_distance"][0] == pytest.approx(0.5, abs=1e-12)
+    assert r["rel_distance"][1] > 1e-3
+    assert CA.exact_layers(r) == []
+
+
+def test_hand_control_names_the_exactly_reproduced_layers(x64):
+    batch = ic.sample_tasks(jax.random.PRNGKey(9), 16, 6, 3)
+    r = CA.hand_control(3, 3, 2.0, batch, 6)
+    assert r["exact_layers"] == {"standard": [1], "layer_causal": [1], "forward_order": [1, 2, 3],
+                                 "gd_steps": [1, 2, 3]}
+    assert r["gd_steps"]["simaou"] == pytest.approx([1.0, 1.0, 1.0], abs=1e-12)
+    assert CA._layers_text(r["exact_layers"]["forward_order"], 3) == "every layer (1-3)"
+    assert CA._layers_text(r["exact_layers"]["standard"], 3) == "layer 1 only"
+
+
+def test_compare_to_standard_counts_nan_cells_apart():
+    nan = float("nan")
+    c = CA.compare_to_standard([0.1, nan, 0.3, 0.5, 0.2], [0.2, 0.9, 0.3, 0.4, nan])
+    assert c == {"wins": 1, "losses": 1, "ties": 1, "undefined": 2, "cells": 5}
+    with pytest.raises(ValueError):
+        CA.compare_to_standard([0.1], [0.1, 0.2])
+
+
+def test_layer_causal_count_is_not_helped_by_the_forward_order_variant():
+    # Forward order beats standard everywhere, layer-causal nowhere: the layer-causal count must be 0, not 4.
+    study = CA.CausalStudy(ft_steps=(1,))
+    sims = {"standard": [0.5, 0.5], "layer_causal": [0.4, float("nan")], "forward_order": [0.9, 0.9]}
+    entry = {"alignment": {f"{ps}|1|{m}": {"simaou": v} for ps in F.PARAM_SETS for m, v in sims.items()},
+             "gd_steps": {"simaou": [1.0, float("nan")]}}
+    out = CA._comparisons({"2": entry}, study)
+    assert out["layer_causal_vs_standard"]["all"] == {"wins": 0, "losses": 2, "ties": 0, "undefined": 2, "cells": 4}
+    assert out["forward_order_vs_standard"]["all"]["wins"] == 4
+    means = out["mean_simaou_by_depth"]["2"]
+    assert means["layer_causal"] == pytest.approx(0.4) and means["layer_causal_undefined"] == 2
+    assert means["explicit_gd_steps"] == pytest.approx(1.0)
+
+
+def _independent_self_scores(params, tokens_BxD, layers):
+    """The query's score on itself entering each layer, by ``ic.forward`` on a lone token (per-task layers when the
+    leaves carry a task axis)."""
+    def one(layer_tree, tok):
+        p = params.replace(layers=layer_tree)
+        outs = ic.forward(p, tok[None, None], 0, return_all=True)
+        ins = [tok] + [o[0, 0] for o in outs[:-1]]
+        return jnp.stack([jnp.sum((l["w_k"] @ t) * (l["w_q"] @ t)) for l, t in zip(layer_tree, ins)])
+
+    return np.asarray(jax.vmap(one)(layers, tokens_BxD)).T
+
+
+def test_simam_delta_is_undefined_at_layer_1_and_defined_from_layer_2(x64):
+    config = ic.ModelConfig(dim=3, n_layers=2, include_query=True, init_scale=0.5)
+    params = ic.init_params(jax.random.PRNGKey(11), config)
+    batch = ic.sample_tasks(jax.random.PRNGKey(12), 24, 5, 3, x_dist="normal")
+    zs = F.zero_shot_copy(params, 3)
+    tuned = F.finetune(zs, batch, 0.1, param_set="attention", mode="standard", steps=2)
+    r = CA.per_layer_alignment(params, batch, tuned, tuned)  # baseline = the tuned copies: must equal FT's numbers
+    assert r["ft_diverged"] == 0
+    assert r["max_abs_map_change_icl_vs_zsl"][0] < 1e-12  # the same token (x_q, 0) in both runs: rounding only
+    assert r["max_abs_map_change_icl_vs_zsl"][1] > 1e-6
+    assert np.isnan(r["simam_delta"][0]) and np.isfinite(r["simam_delta"][1])
+    assert r["simam_delta_random_direction"] == pytest.approx(r["simam_delta"], nan_ok=True)
+    assert r["simaou_random_direction"] == pytest.approx(r["simaou"])
+    # Layer 2's SimAM_delta from scores computed independently with the model's forward pass.
+    lone = F.lone_tokens(batch.x_query, 1)
+    tile = jax.tree.map(lambda a: jnp.broadcast_to(a, (batch.batch_size,) + a.shape), params.layers)
+    m_zsl = _independent_self_scores(params, lone, tile)
+    m_ft = _independent_self_scores(params, lone, tuned.layers)  # attention FT: the adapters stay 0
+    t1 = ic.forward(params, ic.build_tokens(batch), 5, return_all=True)[0][:, -1]  # ICL's query entering layer 2
+    l2 = params.layers[1]
+    m_icl2 = np.asarray(jnp.einsum("hkd,bd,hke,be->b", l2["w_k"], t1, l2["w_q"], t1))
+    chex.assert_shape([m_zsl, m_ft], (2, batch.batch_size))
+    a, f = m_icl2 - m_zsl[1], m_ft[1] - m_zsl[1]
+    expected = float(np.dot(a, f) / (np.linalg.norm(a) * np.linalg.norm(f)))
+    assert r["simam_delta"][1] == pytest.approx(expected, abs=1e-10)

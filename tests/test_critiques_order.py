@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +49,7 @@ def test_order_correlation_on_known_examples():
 def test_random_orderings_are_permutations_and_ordered_batch_matches_reordering():
     batch = ic.sample_tasks(jax.random.PRNGKey(1), 4, 5, 3)
     perms = _perms(4, 5, p=3)
+    chex.assert_shape(perms, (4, 3, 5))
     assert np.all(np.sort(np.asarray(perms), axis=-1) == np.arange(5))
     big = O.ordered_batch(batch, perms)
     for k in range(3):
@@ -108,3 +110,20 @@ def test_causal_hand_model_first_layer_uses_prefix_gd_steps(x64):
         dw = ic.gd_weights(prefix, 1.5 * (t + 1) / 5, 1)[:, 0]  # P = eta / N with N = 5, sum over t + 1 terms
         expected = batch.y[:, t] - jnp.einsum("bd,bd->b", dw, batch.x[:, t])
         np.testing.assert_allclose(np.asarray(out[:, t, 2]), np.asarray(expected), atol=1e-12)
+
+
+def _causal_loss(batch, eta, k):
+    pred = ic.predict(O.causal_hand_params(batch.dim, eta, k, batch.n_context), batch)
+    return float(np.mean(0.5 * (np.asarray(pred) - np.asarray(batch.y_query)) ** 2))
+
+
+def test_causal_hand_eta_is_tuned_for_the_causal_model(x64):
+    batch = ic.sample_tasks(jax.random.PRNGKey(7), 400, 8, 4)
+    # One layer: the query sees every key, the causal model is one GD step and GD's exact optimum is kept.
+    assert O.tune_causal_hand(batch, 1) == ic.tune_gd(batch, 1).eta
+    eta_gd, eta_c = ic.tune_gd(batch, 2).eta, O.tune_causal_hand(batch, 2)
+    assert abs(eta_c - eta_gd) > 1e-3 * eta_gd  # the causal 2-layer model is not 2-step GD
+    best = _causal_loss(batch, eta_c, 2)
+    assert best < _causal_loss(batch, eta_gd, 2)
+    for factor in (0.9, 1.1):  # a local minimum of the causal model's own loss
+        assert best <= _causal_loss(batch, factor * eta_c, 2)

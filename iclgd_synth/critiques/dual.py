@@ -28,9 +28,17 @@ zero-shot model, has a key: itself); h = the query's attention update (a D-vecto
   on separate tasks for the lowest query loss).
 - SimAOU = cos(h_ICL - h_ZSL, h_FT - h_ZSL) per task, averaged; baselines: the same FT update norm in a random
   direction, and the fine-tuned copy of *another* task.
-- SimAM_delta: the only key ICL, ZSL and FT share is the query itself, and the query's score on itself is the same
-  with and without demonstrations in a 1-layer linear-attention model (its input token is the same), so
-  m_ICL - m_ZSL = 0 and SimAM_delta is undefined here; the report states the measured |m_ICL - m_ZSL|.
+- SimAM_delta on the query's own attention score, the only key ICL, ZSL and FT share (ZSL and FT see the query
+  alone). It is undefined at layer 1 of any model, hence for a 1-layer model: the score (W_K e_q).(W_Q e_q) depends
+  only on the token entering the layer, which at layer 1 is (x_q, 0) with and without demonstrations, so
+  m_ICL - m_ZSL = 0 (the report gives the measured max |m_ICL - m_ZSL|). From layer 2 on ICL's earlier layers have
+  changed the query token using the demonstrations, m_ICL - m_ZSL != 0 and SimAM_delta is defined: the study trains
+  a K-layer query-as-key LSA (``multilayer_depth``, default 2) and reports SimAM_delta at layers 2..K (one cosine
+  across tasks of the scalar changes, as in :mod:`~iclgd_synth.critiques.causality`) with its random-direction
+  baseline, next to the per-layer SimAOU.
+- Known-answer control: the hand-constructed GD layer with its adapter fine-tuned by one GD step of size eta (from
+  0) on the demonstrations: fine-tuning then equals ICL exactly, and the metrics must read SimAOU 1, Kendall signed
+  1 (contribution (eta/N) y_i x_i.x_q and influence y_i x_i.x_q rank alike) and Rec2FTP 1.
 - Kendall's tau per task between ICL's attention over the demonstrations and FT's per-demonstration influence:
   (i) |score| = |(W_K e_i).(W_Q e_q)| against |influence|, (ii) the signed contribution of demonstration i to the ICL
   prediction against the signed influence, where influence_i = -<grad_theta y_hat_ZSL(x_q), grad_theta l_i(theta_0)>
@@ -39,6 +47,9 @@ zero-shot model, has a key: itself); h = the query's attention update (a D-vecto
 - Rec2FTP: of the tasks where FT lowers the query's absolute error below zero-shot's, the fraction where ICL does;
   reported with ICL's unconditional rate and with the random-direction FT in place of FT.
 
+**Export**: ``dual_form.npz`` in the run directory holds, for a few evaluation tasks, every model's W_ZSL,
+Delta W_ICL, bias and query token per layer, and the layer's own query update (:func:`export_dual_forms`).
+
 **Momentum attention**: the exact relations of :mod:`~iclgd_synth.critiques.momentum` measured in float64, and
 vanilla vs momentum attention trained on the ICL objective with the same data and number of steps.
 """
@@ -46,6 +57,7 @@ vanilla vs momentum attention trained on the ICL objective with the same data an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -59,6 +71,7 @@ from iclgd_synth import attention as attn
 from iclgd_synth.constructions import gd_params
 from iclgd_synth.critiques import _common as C
 from iclgd_synth.critiques import alignment as A
+from iclgd_synth.critiques import causality as CA
 from iclgd_synth.critiques import finetune as F
 from iclgd_synth.critiques import momentum as MO
 from iclgd_synth.learners import gd_weights, tune_gd
@@ -69,8 +82,16 @@ from iclgd_synth.studies.rundir import finish_run
 from iclgd_synth.tasks import TASK_PRESETS, TaskBatch, TaskConfig, sample, validate_batch
 from iclgd_synth.tokens import build_tokens, n_context_tokens
 from iclgd_synth.train import TrainConfig
+from iclgd_synth.validation import check_choice
 
 TUNE_SEED, EVAL_SEED = 6_000_011, 7_000_003
+#: The 1-layer model of the ICL-vs-FT metrics (the query is a key, so the zero-shot copy has one).
+IQ_LABEL = "LSA, query is a key (for ICL vs FT)"
+
+
+def multilayer_label(k: int) -> str:
+    """The K-layer query-as-key model on which SimAM_delta is measured at layers >= 2."""
+    return f"LSA, {k} layers, query is a key (SimAM_delta)"
 
 
 # ---------------------------------------------------------------------------------------------------- the dual form
@@ -170,6 +191,47 @@ def query_attention_update(params: TransformerParams, batch: TaskBatch, layer: i
     return outs[layer][:, -1] - before[:, -1]
 
 
+def export_dual_forms(path: str | Path, models: Mapping[str, TransformerParams], batch: TaskBatch
+                      ) -> dict[str, Any]:
+    """Write the dual form of every layer application of every (linear-attention) model on ``batch`` to ``path``
+    (a NumPy .npz archive) and return an index {label: {"key", "layers", "max_relative_error"}}.
+
+    Archive entries (B tasks, D token dim, H heads, Kq key size; model i has key ``model{i}``, layer l is 1-based):
+
+    - ``tasks/x`` (B, N, d), ``tasks/y`` (B, N[, O]), ``tasks/x_query`` (B, d), ``tasks/y_query``: the tasks;
+    - ``model_labels``: the labels, in key order; ``model{i}/label``;
+    - ``model{i}/layer{l}/w_zsl``, ``.../delta_w_icl`` (B, D, D): the implicit weights, acting on the query token;
+    - ``.../query`` (B, D): the query token entering the layer (after its LayerNorm, if any), the one they act on;
+    - ``.../bias`` (B, D): the query-independent part (momentum attention of kind "values"; else 0);
+    - ``.../w_zsl_heads``, ``.../delta_w_icl_heads`` (B, H, D, Kq) and ``.../q_heads`` (B, H, Kq): the per-head form;
+    - ``.../query_update`` (B, D): the layer's change of the query token computed by the model's forward pass, so
+      that (w_zsl + delta_w_icl) @ query + bias == query_update can be checked from the file alone.
+    """
+    batch = validate_batch(batch)
+    arrays: dict[str, np.ndarray] = {f"tasks/{name}": np.asarray(getattr(batch, name))
+                                     for name in ("x", "y", "x_query", "y_query")}
+    index: dict[str, Any] = {}
+    for i, (label, params) in enumerate(models.items()):
+        key = f"model{i}"
+        arrays[f"{key}/label"] = np.array(label)
+        errs = []
+        for layer in range(params.depth):
+            df = dual_form(params, batch, layer)
+            ref = query_attention_update(params, batch, layer)
+            pre = f"{key}/layer{layer + 1}/"
+            for name in ("w_zsl", "delta_w_icl", "query", "bias", "w_zsl_heads", "delta_w_icl_heads", "q_heads"):
+                arrays[pre + name] = np.asarray(getattr(df, name))
+            arrays[pre + "query_update"] = np.asarray(ref)
+            errs.append(float(jnp.max(jnp.abs(df.output() - ref)) / (jnp.max(jnp.abs(ref)) + 1e-300)))
+        index[label] = {"key": key, "layers": params.depth, "max_relative_error": max(errs)}
+    arrays["model_labels"] = np.array(list(models))
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    return index
+
+
 # ------------------------------------------------------------------------------------------------- ICL vs fine-tuning
 
 def icl_attention_terms(params: TransformerParams, batch: TaskBatch) -> tuple[Array, Array]:
@@ -189,16 +251,17 @@ def icl_attention_terms(params: TransformerParams, batch: TaskBatch) -> tuple[Ar
     return s_BxHxN.sum(1), contrib
 
 
-@jax.jit
-def ft_influence(zs: F.ZeroShotModel, batch: TaskBatch) -> Array:
-    """influence_i = -<grad_theta y_hat(x_q), grad_theta l_i> for theta = (W_K, W_V) of every layer, (B, N): the
-    first-order change of the zero-shot prediction per unit step of GD on demonstration i alone (scalar outputs)."""
+@functools.partial(jax.jit, static_argnames=("param_set",))
+def ft_influence(zs: F.ZeroShotModel, batch: TaskBatch, param_set: str = "attention") -> Array:
+    """influence_i = -<grad_theta y_hat(x_q), grad_theta l_i> for theta = the fine-tuned parameters (``param_set``:
+    W_K, W_V of every layer, or the adapters), (B, N): the first-order change of the zero-shot prediction per unit
+    step of GD on demonstration i alone (scalar outputs)."""
     def one(x_Nxd, y_N, xq_d):
-        theta0 = F.select_params(zs, "attention")
+        theta0 = F.select_params(zs, param_set)
 
         def pred(theta, x_Mxd):
             toks = F.lone_tokens(x_Mxd, 1)
-            return F.readout(F.lone_forward(F.insert_params(zs, theta, "attention"), toks)[-1], zs.dim)[:, 0]
+            return F.readout(F.lone_forward(F.insert_params(zs, theta, param_set), toks)[-1], zs.dim)[:, 0]
 
         g_q = jax.grad(lambda th: pred(th, xq_d[None])[0])(theta0)
 
@@ -212,9 +275,16 @@ def ft_influence(zs: F.ZeroShotModel, batch: TaskBatch) -> Array:
     return jax.vmap(one)(batch.x, batch.y, batch.x_query)
 
 
-def icl_vs_ft(params: TransformerParams, batch: TaskBatch, lr: float, steps: int, key: Array) -> dict[str, Any]:
-    """All ICL-vs-FT metrics for a 1-layer linear-attention model with ``include_query`` (float64 recommended)."""
-    if not params.arch.include_query:
+def icl_vs_ft(params: TransformerParams, batch: TaskBatch, lr: float, steps: int, key: Array, *,
+              param_set: str = "attention") -> dict[str, Any]:
+    """All ICL-vs-FT metrics for a 1-layer linear-attention model (float64 recommended).
+
+    ``param_set="attention"`` (the study's setting) fine-tunes W_K, W_V and needs ``include_query``;
+    ``"adapters"`` fine-tunes the adapter (see :mod:`~iclgd_synth.critiques.finetune`): for the hand-constructed GD
+    layer with ``lr`` = its eta and one step, fine-tuning *is* ICL, the known-answer control (SimAOU 1, Kendall
+    signed 1, Rec2FTP 1)."""
+    check_choice("param_set", param_set, F.PARAM_SETS)
+    if param_set == "attention" and not params.arch.include_query:
         raise ValueError("icl_vs_ft needs a model with include_query=True: without it the zero-shot model (the query "
                          "alone) has no key, its attention output is 0 whatever W_K and W_V are, and fine-tuning "
                          "them changes nothing")
@@ -226,9 +296,9 @@ def icl_vs_ft(params: TransformerParams, batch: TaskBatch, lr: float, steps: int
     first = F.lone_tokens(batch.x_query, batch.out_dim)
     icl_tok, icl_score = F.icl_query_pass(params, batch)
     zsl_tok, zsl_score = F.shared_query_pass(zs, batch)
-    tuned = F.finetune(zs, batch, lr, param_set="attention", mode="standard", steps=steps)
+    tuned = F.finetune(zs, batch, lr, param_set=param_set, mode="standard", steps=steps)
     ft_tok, ft_score = F.per_task_query_pass(tuned, batch)
-    rand = F.random_like_update(key, tuned, zs, "attention")
+    rand = F.random_like_update(key, tuned, zs, param_set)
     rand_tok, _ = F.per_task_query_pass(rand, batch)
     other = jax.tree.map(lambda a: jnp.roll(a, 1, axis=0), tuned)
     other_tok, _ = F.per_task_query_pass(other, batch)
@@ -239,7 +309,7 @@ def icl_vs_ft(params: TransformerParams, batch: TaskBatch, lr: float, steps: int
     simaou_other = A.sim_aou(h["icl"], h["zsl"], h["other"])
 
     scores, contrib = icl_attention_terms(params, batch)
-    infl = np.asarray(ft_influence(zs, batch))
+    infl = np.asarray(ft_influence(zs, batch, param_set))
     rng = np.random.default_rng(0)
     shuffled = np.stack([rng.permutation(r) for r in infl])
     tau_abs = A.kendall_tau(np.abs(np.asarray(scores)), np.abs(infl))
@@ -319,6 +389,10 @@ class DualStudy:
       beta: momentum-attention decay. Default 0.5.
       causal_depth: layers of the causal pair (vanilla vs momentum) trained in the full study; 0 skips it.
         Default 2.
+      multilayer_depth: layers K of a second query-as-key LSA, trained to measure SimAM_delta at layers 2..K (it is
+        undefined at layer 1); 0 skips it. Default 2 (also in the quick preset).
+      export_tasks: evaluation tasks whose dual form (every model, every layer) is written to dual_form.npz.
+        Default 8.
       train_steps, train_batch, lr: training of every model (AdamW, clip 10). Default 3000 steps of 512, lr 1e-3.
       equivalence_trials: random sizes per check of the momentum relations. Default 5.
       seed: training seed. Default 0.
@@ -330,6 +404,8 @@ class DualStudy:
     ft_steps: tuple[int, ...] = (1, 10)
     beta: float = 0.5
     causal_depth: int = 2
+    multilayer_depth: int = 2
+    export_tasks: int = 8
     train_steps: int = 3000
     train_batch: int = 512
     lr: float = 1e-3
@@ -355,7 +431,10 @@ class DualStudy:
             out[f"causal LSA, {k} layers"] = ModelConfig(dim=d, n_layers=k, causal=True)
             out[f"causal LSA, {k} layers + momentum (values, beta {b})"] = ModelConfig(
                 dim=d, n_layers=k, causal=True, momentum=b, momentum_kind="values")
-        out["LSA, query is a key (for ICL vs FT)"] = ModelConfig(dim=d, include_query=True)
+        out[IQ_LABEL] = ModelConfig(dim=d, include_query=True)
+        if self.multilayer_depth:
+            out[multilayer_label(self.multilayer_depth)] = ModelConfig(dim=d, n_layers=self.multilayer_depth,
+                                                                      include_query=True)
         return out
 
 
@@ -387,6 +466,12 @@ def run_study(study: DualStudy, root: str = "runs", *, force: bool = False, prog
     with jax.enable_x64(True):
         results = _evaluate(study, trained, curves, train_seconds)
         figures = _figures(out, study, results, trained, curves)
+        export = {label: C.to_float64(p) for label, p in trained.items()}
+        export[f"hand GD (1 step, eta {results['gd_eta']:.4g})"] = results["_hand"]
+        results["dual_form_export"] = {
+            "file": "dual_form.npz", "n_tasks": study.export_tasks,
+            "models": export_dual_forms(out / "dual_form.npz", export,
+                                        sample(jax.random.PRNGKey(EVAL_SEED), task, study.export_tasks))}
     results["total_seconds"] = time.perf_counter() - t_start
     public = {k: v for k, v in results.items() if not k.startswith("_")}
     return finish_run(out, name, _report(study, results, figures), public)
@@ -419,10 +504,11 @@ def _evaluate(study, trained, curves, train_seconds) -> dict[str, Any]:
                         "hand_off_block_max": float(jnp.max(jnp.abs(off_block))),
                         "meta_gradient_scale": float(jnp.max(jnp.abs(meta)))}
     res["_dual_hand"] = df_hand
+    res["_hand"] = hand
     res["_meta"] = meta
 
     # 2. ICL vs fine-tuning on the model whose query is a key.
-    iq_label = [k for k in trained if "query is a key" in k][0]
+    iq_label = IQ_LABEL
     p_iq = C.to_float64(trained[iq_label])
     zs = F.zero_shot_copy(p_iq, d)
     ft = {}
@@ -431,8 +517,28 @@ def _evaluate(study, trained, curves, train_seconds) -> dict[str, Any]:
         r = icl_vs_ft(p_iq, test, lr, s, jax.random.PRNGKey(s))
         r["lr"] = lr
         ft[s] = r
-    res["icl_vs_ft"] = {"model": iq_label, "by_steps": ft,
-                        "icl_model_loss": model_loss(p_iq, test)}
+    # Known-answer control: the hand GD layer, its adapter fine-tuned with one step of eta, is ICL exactly.
+    hand_ft = icl_vs_ft(hand, test, eta, 1, jax.random.PRNGKey(0), param_set="adapters")
+    res["icl_vs_ft"] = {"model": iq_label, "by_steps": ft, "icl_model_loss": model_loss(p_iq, test),
+                        "hand_control": hand_ft}
+
+    # 2b. SimAM_delta at layers >= 2 of a K-layer query-as-key model (undefined at layer 1).
+    if study.multilayer_depth:
+        ml_label = multilayer_label(study.multilayer_depth)
+        p_ml = C.to_float64(trained[ml_label])
+        zs_ml = F.zero_shot_copy(p_ml, d)
+        by_steps = {}
+        for s in study.ft_steps:
+            lr, _ = F.tune_lr(zs_ml, tune_batch, param_set="attention", mode="standard", steps=s)
+            tuned = F.finetune(zs_ml, test, lr, param_set="attention", mode="standard", steps=s)
+            base = F.random_like_update(jax.random.PRNGKey(100 + s), tuned, zs_ml, "attention")
+            r = CA.per_layer_alignment(p_ml, test, tuned, base)
+            by_steps[s] = {"lr": lr, **{k: r[k] for k in (
+                "simaou", "simaou_random_direction", "simam_delta", "simam_delta_random_direction",
+                "max_abs_map_change_icl_vs_zsl", "ft_query_loss", "ft_diverged", "zsl_query_loss",
+                "icl_query_loss")}}
+        res["simam_delta_multilayer"] = {"model": ml_label, "n_layers": study.multilayer_depth,
+                                         "by_steps": by_steps}
 
     # 3. Momentum: exact relations and training.
     res["momentum_equivalence"] = momentum_equivalence_errors(study.seed, study.equivalence_trials)
@@ -468,7 +574,7 @@ def _figures(out, study, results, trained, curves) -> dict[str, str]:
     if lsa is not None:
         test = sample(jax.random.PRNGKey(EVAL_SEED), study.task, 4)
         mats["trained LSA: Delta W_ICL (task 0)"] = np.asarray(dual_form(C.to_float64(lsa), test).delta_w_icl[0])
-    iq = [k for k in trained if "query is a key" in k][0]
+    iq = IQ_LABEL
     test = sample(jax.random.PRNGKey(EVAL_SEED), study.task, 4)
     dfi = dual_form(C.to_float64(trained[iq]), test)
     mats["query-key LSA: W_ZSL (task 0)"] = np.asarray(dfi.w_zsl[0])
@@ -516,6 +622,18 @@ def _report(study: DualStudy, results: dict, figures: Mapping[str, str]) -> str:
         "For the hand construction Delta W_ICL is exactly eta times the in-context loss gradient at W0 in the "
         "(y, x) block (the read-out is minus the y-entry, so the prediction is the GD step's), zero elsewhere.", "",
     ]
+    ex = results["dual_form_export"]
+    lines += ["### Exported dual form", "",
+              f"`{ex['file']}` (NumPy archive) holds, for {ex['n_tasks']} evaluation tasks (`tasks/x`, `tasks/y`, "
+              "`tasks/x_query`, `tasks/y_query`), per model `model{i}` (label in `model{i}/label`) and layer "
+              "application l = 1..K: `model{i}/layer{l}/w_zsl` and `.../delta_w_icl` (B, D, D, acting on the query "
+              "token), `.../query` (B, D, the query token entering the layer: the one they act on), `.../bias`, the "
+              "per-head form (`w_zsl_heads`, `delta_w_icl_heads`, `q_heads`) and `.../query_update`, the layer's own "
+              "change of the query from the forward pass, so that (w_zsl + delta_w_icl) @ query + bias = "
+              "query_update can be checked from the file:", "",
+              C.table(["model", "key", "layers", "max relative error of the reconstruction"],
+                      [[label, v["key"], v["layers"], v["max_relative_error"]] for label, v in ex["models"].items()]),
+              ]
     ft = results["icl_vs_ft"]
     lines += ["## 2. ICL vs fine-tuning", "",
               f"Model: {ft['model']} (its loss with demonstrations: {C.fmt(ft['icl_model_loss'])}). Fine-tuning: "
@@ -535,12 +653,36 @@ def _report(study: DualStudy, results: dict, figures: Mapping[str, str]) -> str:
     lines += [C.table(["FT steps", "FT lr", "loss ZSL", "loss FT", "loss ICL", "SimAOU", "SimAOU random dir.",
                        "SimAOU other task's FT", "Kendall |score| vs |influence|", "Kendall signed",
                        "Rec2FTP", "ICL improves (all tasks)", "Rec2FTP random-dir. FT"], rows)]
+    hc = ft["hand_control"]
+    lines += ["Known-answer control (hand GD layer, adapter fine-tuned by one step of its eta, which is ICL exactly): "
+              f"SimAOU {C.fmt(hc['simaou']['mean'])} (over {hc['simaou']['n']} tasks; random direction "
+              f"{C.fmt(hc['simaou_random_direction']['mean'])}), Kendall signed {C.fmt(hc['kendall_signed']['mean'])} "
+              f"(shuffled {C.fmt(hc['kendall_signed_shuffled']['mean'])}), Rec2FTP {C.fmt(hc['rec2ftp']['rec2ftp'])} "
+              f"(of {hc['rec2ftp']['n_ft_improves']}), loss ICL {C.fmt(hc['loss']['icl'])} = loss FT "
+              f"{C.fmt(hc['loss']['ft'])}. Expected: 1, 1, 1 and equal losses.", ""]
     r0 = next(iter(ft["by_steps"].values()))
+    ml = results.get("simam_delta_multilayer")
+    lines += ["### SimAM_delta", "",
+              "SimAM_delta = cos(m_ICL - m_ZSL, m_FT - m_ZSL) on the query's score on itself, the only key ICL, ZSL "
+              "and FT share. At layer 1 of any model it is undefined: the score depends only on the token entering "
+              "the layer, which is (x_q, 0) with and without demonstrations, so m_ICL - m_ZSL = 0 (measured on the "
+              f"1-layer model: max |m_ICL - m_ZSL| = {C.fmt(r0['max_abs_map_change_icl_vs_zsl'])}, while FT changes "
+              f"the score by up to {C.fmt(r0['max_abs_map_change_ft_vs_zsl'])}). A 1-layer model therefore has no "
+              "SimAM_delta. From layer 2 on, the demonstrations have changed the query token through the earlier "
+              "layers, and SimAM_delta is defined; it is one cosine across tasks of the scalar changes (a per-task "
+              "cosine of scalars is only a sign).", ""]
+    if ml:
+        rows = []
+        for s, r in ml["by_steps"].items():
+            for l in range(ml["n_layers"]):
+                rows.append([s, r["lr"], l + 1, r["max_abs_map_change_icl_vs_zsl"][l], r["simam_delta"][l],
+                             r["simam_delta_random_direction"][l], r["simaou"][l], r["simaou_random_direction"][l]])
+        lines += [f"Model: {ml['model']}; fine-tuning of W_K, W_V of every layer (standard), step size tuned.", "",
+                  C.table(["FT steps", "FT lr", "layer", "max |m_ICL - m_ZSL|", "SimAM_delta",
+                           "SimAM_delta random dir.", "SimAOU", "SimAOU random dir."], rows)]
+    else:
+        lines += ["(No multi-layer model in this run: `multilayer_depth = 0`.)", ""]
     lines += ["Notes:", "",
-              f"- SimAM_delta is undefined here: the only key shared by ICL, ZSL and FT is the query itself, and in a "
-              f"1-layer linear-attention model its score on itself does not depend on the demonstrations (measured "
-              f"max |m_ICL - m_ZSL| = {C.fmt(r0['max_abs_map_change_icl_vs_zsl'])}; FT changes it by up to "
-              f"{C.fmt(r0['max_abs_map_change_ft_vs_zsl'])}).",
               "- The zero-shot model here is weak by design (a lone token attending to itself computes a cubic in "
               "x_q); fine-tuning W_K, W_V of that copy is the testbed's version of the paper's fine-tuning. "
               "Rec2FTP must be read against ICL's unconditional improvement rate.",

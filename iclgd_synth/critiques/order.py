@@ -20,11 +20,14 @@ given order; Transformers trained on the ICL objective: a non-causal 1-layer LSA
 causal LSAs of 2+ layers and a causal 2-layer softmax model; the hand-constructed GD weights with a causal mask.
 
 About the causal hand construction: with a causal mask, context token t is updated from the prefix sum
-sum_{i<=t} e_i e_i^T, so after one layer its residual target is y_t - Delta W_(t) x_t with Delta W_(t) the GD step
-computed from demonstrations 1..t only. The query (last token) still sees every key, so a 1-layer causal model is
-exactly order-invariant; from layer 2 on the query reads residuals that depend on the order, so a 2+-layer causal
-model is not. Likewise a 1-layer causal trained model would be invariant, which is why the trained causal models
-have 2+ layers.
+sum_{i<=t} e_i e_i^T, so after one layer its residual target is y_t - Delta W_(t) x_t with
+Delta W_(t) = (eta/N) sum_{i<=t} y_i x_i^T: the 1/N in P stays fixed, so this is one GD step of size eta * t / N on
+the in-context loss of demonstrations 1..t (mean over t terms), not the size-eta step on that prefix. The query
+(last token) still sees every key, so a 1-layer causal model is exactly order-invariant and equals one GD step; from
+layer 2 on the query reads residuals that depend on the order, so a 2+-layer causal model is not, and it is no
+longer K-step GD. Its step size is therefore tuned for the causal model itself (:func:`tune_causal_hand`, lowest
+query loss on the tuning tasks); for K = 1 that is GD's own eta. Likewise a 1-layer causal trained model would be
+invariant, which is why the trained causal models have 2+ layers.
 
 Everything is evaluated in float64 (trained parameters are cast), so "invariant" means a spread at rounding level.
 """
@@ -46,7 +49,7 @@ from iclgd_synth.learners import SGD, Adam, GD, GDPlusPlus, grid_search, tune_gd
 from iclgd_synth.learners.sgd import adam_predict, sgd_predict
 from iclgd_synth.losses import half_mse
 from iclgd_synth.metrics import as_predictor
-from iclgd_synth.model import ModelConfig, TransformerParams
+from iclgd_synth.model import ModelConfig, TransformerParams, predict
 from iclgd_synth.shapes import Array
 from iclgd_synth.studies.rundir import finish_run
 from iclgd_synth.tasks import TaskBatch, TaskConfig, sample
@@ -120,6 +123,20 @@ def causal_hand_params(dim: int, eta: float, n_layers: int, n_context: int) -> T
     """The hand-constructed K-step GD weights (1/N in P) run with a causal mask."""
     params = gd_params(dim, eta, n_layers=n_layers, n_context=n_context)
     return params.replace(arch=dataclasses.replace(params.arch, causal=True))
+
+
+def tune_causal_hand(batch: TaskBatch, n_layers: int, *, n_grid: int = 32, rounds: int = 3) -> float:
+    """The step size eta of the causal hand K-layer model with the lowest query loss on ``batch``.
+
+    K = 1: the causal model is one GD step (the query sees every key), so GD's exact optimum is returned. K >= 2: a
+    grid search on [0, 3 eta_K] with eta_K the optimum of non-causal K-step GD."""
+    eta_gd = tune_gd(batch, n_layers).eta
+    if n_layers == 1:
+        return eta_gd
+    d, n = batch.dim, batch.n_context
+    t = grid_search(lambda p, b: half_mse(predict(causal_hand_params(d, p["eta"], n_layers, n), b), b.y_query),
+                    {"eta": (0.0, 3.0 * max(eta_gd, 1e-3))}, data=batch, n_grid=n_grid, rounds=rounds)
+    return t.params["eta"]
 
 
 def tune_sgd(batch: TaskBatch, epochs: int, batch_size: int = 1, eta_max: float = 6.0) -> float:
@@ -269,9 +286,11 @@ def _evaluate(study: OrderStudy, trained: Mapping[str, TransformerParams]) -> di
     predictors: dict[str, Any] = dict(learners)
     for label, params in trained.items():
         predictors[label] = C.to_float64(params)
-    hand_eta = {k: tune_gd(tune_batch, k).eta for k in study.hand_depths}
+    hand_eta = {k: tune_causal_hand(tune_batch, k) for k in study.hand_depths}
+    hand_eta_noncausal = {k: tune_gd(tune_batch, k).eta for k in study.hand_depths}
     for k in study.hand_depths:
-        predictors[f"hand GD, causal, {k} layer{'s' * (k > 1)}"] = causal_hand_params(d, hand_eta[k], k, n)
+        name = f"hand GD, causal, {k} layer{'s' * (k > 1)}"
+        predictors[name], hyper[name] = causal_hand_params(d, hand_eta[k], k, n), {"eta": hand_eta[k]}
 
     preds = {name: ordered_predictions(f, test, perms) for name, f in predictors.items()}
     y_q = np.asarray(test.y_query, np.float64)
@@ -305,7 +324,7 @@ def _evaluate(study: OrderStudy, trained: Mapping[str, TransformerParams]) -> di
                                                                        epochs=study.adam_epochs, batch_size=1)
         for k in study.hand_depths:
             if k > 1:
-                preds_n[f"hand GD, causal, {k} layers"] = causal_hand_params(d, tune_gd(tb, k).eta, k, n_ctx)
+                preds_n[f"hand GD, causal, {k} layers"] = causal_hand_params(d, tune_causal_hand(tb, k), k, n_ctx)
         for name, f in preds_n.items():
             p = ordered_predictions(f, eb, pm)
             entry = sweep.setdefault(name, {"relative_spread": [], "spread": [], "loss": []})
@@ -317,7 +336,7 @@ def _evaluate(study: OrderStudy, trained: Mapping[str, TransformerParams]) -> di
     checks = _checks(rows)
     return {"predictors": rows, "correlations": correlations, "references": references,
             "sweep": {"n_context": list(study.n_sweep), "predictors": sweep}, "checks": checks,
-            "hand_eta": hand_eta, "tune_seconds": tune_seconds}
+            "hand_eta": hand_eta, "hand_eta_noncausal_gd": hand_eta_noncausal, "tune_seconds": tune_seconds}
 
 
 def _checks(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -421,6 +440,10 @@ def _report(study: OrderStudy, results: dict, figures: Mapping[str, str]) -> str
               "updates, read by the query from layer 2 on.",
               "- The non-causal trained LSA is invariant by construction (its layer sums over the demonstrations); "
               "its measured spread is float64 rounding.",
+              "- The causal hand models are the K-step GD weights run with a causal mask; from 2 layers on they are "
+              "no longer K-step GD, so their eta is tuned for the causal model itself (column hyper-parameters; "
+              "non-causal K-step GD's eta for comparison: " + ", ".join(
+                  f"K = {k}: {C.fmt(v)}" for k, v in results["hand_eta_noncausal_gd"].items()) + ").",
               "- Step sizes of SGD and Adam are tuned in the tasks' given order; a different order is a different "
               "run of the same algorithm, which is what the spread measures.", "",
               "## Figures", ""] + [f"![{k}]({v})" for k, v in figures.items()]
