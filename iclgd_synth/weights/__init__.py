@@ -6,7 +6,8 @@ of those matrices; where the hand-constructed and trained weights fall in the di
 real LLM's layers and heads; and the ``iclgd weights`` report.
 
     open_source("smollm2", max_layers=2)      -> WeightSource (lazy iterator over layers)
-    collect_stats(source)                     -> SourceStats (every statistic of every matrix)
+    collect_stats(source)                     -> SourceStats (every statistic of every matrix; for checkpoint files
+                                                 cached on disk, see iclgd_synth.weights.cache; ICLGD_CACHE=0 off)
     weights_report(["smollm2"], "out/")       -> dict (writes weight_stats.json, report.md, figures)
 
 Letters: L layers, H query heads, G key/value heads (G = H without grouped-query attention), Kq key size per head

@@ -1,6 +1,7 @@
 """``iclgd weights``: compare hand-constructed and trained attention weights with real LLM weights.
 
-    iclgd weights --llm smollm2 --llm minilm --out runs/weights
+    iclgd weights --out runs/weights                        # every installed built-in (smollm2, minilm)
+    iclgd weights --llm smollm2 minilm --out runs/weights   # the same, named; --llm smollm2 alone: only SmolLM2
     iclgd weights --llm /path/to/hf-folder --n-heads 32 --no-trained --out runs/weights-llama
 
 Writes weight_stats.json, report.md and PNG figures to --out (see :func:`iclgd_synth.weights.report.weights_report`)
@@ -16,16 +17,25 @@ import time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--llm", action="append", metavar="NAME|PATH",
-                        help="real LLM weights: smollm2, minilm, a .gguf / .safetensors file or a Hugging Face folder "
-                             "(repeatable; default: smollm2 and minilm)")
+    parser.add_argument("--llm", action="extend", nargs="+", metavar="NAME|PATH",
+                        help="real LLM weights: smollm2, minilm, a .gguf / .safetensors file or a Hugging Face folder; "
+                             "several at once (--llm smollm2 minilm) or repeated. Only those given are compared "
+                             "(default: every installed built-in, smollm2 and minilm)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder for the report")
     parser.add_argument("--max-layers", type=int, default=None, metavar="K",
                         help="read only the first K layers of each LLM (default: all)")
     parser.add_argument("--n-heads", type=int, default=None,
-                        help="number of query heads, for checkpoints without config.json / metadata")
+                        help="number of query heads, for checkpoint paths without config.json / metadata (not applied "
+                             "to the built-in sources)")
     parser.add_argument("--n-kv-heads", type=int, default=None,
-                        help="number of key/value heads (grouped-query attention), for checkpoints without config")
+                        help="number of key/value heads (grouped-query attention), for checkpoint paths without "
+                             "config (not applied to the built-in sources)")
+    parser.add_argument("--no-unpermute", action="store_true",
+                        help="read W_Q / W_K of GGUF files in llama.cpp's stored row order (default: undo its rotary "
+                             "permutation for the architectures known to be permuted, e.g. llama)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="recompute the LLM statistics instead of reading them from the cache (ICLGD_CACHE=0 "
+                             "does the same; ICLGD_CACHE=DIR moves the cache)")
     trained = parser.add_mutually_exclusive_group()
     trained.add_argument("--no-trained", action="store_true", help="leave out the model trained on the ICL objective")
     trained.add_argument("--trained-params", metavar="FILE",
@@ -39,13 +49,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def default_llms(requested: list[str] | None) -> list[str]:
+    """The LLM sources to compare: those requested, else every built-in whose package is installed."""
+    if requested:
+        return list(requested)
+    from iclgd_synth.weights.loaders import BUILTIN_SOURCES, INSTALL_LLM, installed_builtins
+
+    found = installed_builtins()
+    if not found:
+        raise ModuleNotFoundError(f"no built-in LLM source is installed ({', '.join(BUILTIN_SOURCES)}): "
+                                  f"{INSTALL_LLM}, or pass --llm PATH to a checkpoint")
+    return found
+
+
 def main(args: argparse.Namespace) -> int:
     from iclgd_synth.weights.report import weights_report
     from iclgd_synth.weights.sources import HandSpec, load_trained_params, quick_trained
 
     t0 = time.perf_counter()
-    llms = args.llm or ["smollm2", "minilm"]
     try:
+        llms = default_llms(args.llm)
         hand = [HandSpec(c, d) for d in args.hand_dims for c in ("gd", "gdpp")]
         if args.no_trained:
             trained, note = None, "left out (--no-trained)"
@@ -57,7 +80,8 @@ def main(args: argparse.Namespace) -> int:
             trained, note = quick_trained(steps=args.trained_steps)
         result = weights_report(llms, args.out, trained, trained_note=note, hand=hand, max_layers=args.max_layers,
                                 n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, figures=not args.no_figures,
-                                progress=not args.quiet)
+                                progress=not args.quiet, unpermute=False if args.no_unpermute else None,
+                                cache=False if args.no_cache else None)
     except (FileNotFoundError, ModuleNotFoundError, ValueError, TypeError) as e:
         print(f"iclgd weights: error: {e}", file=sys.stderr)
         return 2

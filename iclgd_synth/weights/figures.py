@@ -51,6 +51,8 @@ def magnitude_histograms(path, sources: Sequence[SourceStats]) -> Path:
         ax.set_title(_label(m))
     axes[0].set_ylabel("fraction of entries per bin")
     axes[-1].legend(fontsize=6, loc="upper left")
+    fig.suptitle("entry magnitude relative to the matrix's RMS: log10(|w| / RMS(W)) (0 = typical size; exact zeros "
+                 "in the legend)", fontsize=9)
     return _save(fig, path)
 
 

@@ -5,26 +5,34 @@ the metadata ``<arch>.attention.head_count`` / ``head_count_kv`` / ``key_length`
 size from ``<arch>.embedding_length``. GGUF lists a tensor's dimensions innermost first (``[576, 192]`` for a key
 projection), the reverse of NumPy's order; :func:`gguf.quants.dequantize` returns NumPy order (rows = outputs).
 
-llama.cpp's converter reorders the rows of W_Q and W_K of LLaMA-architecture models inside every head, from the
-Hugging Face rotary layout (rotated pairs (i, i + Kq/2)) to its own (pairs (2i, 2i + 1)): :func:`rope_permute` is that
+llama.cpp's converter reorders the rows of W_Q and W_K of LLaMA-like models inside every head, from the Hugging Face
+rotary layout (rotated pairs (i, i + Kq/2)) to its own (pairs (2i, 2i + 1)): :func:`rope_permute` is that
 reordering and :func:`rope_unpermute` its inverse, applied on reading so that the matrices match the Hugging Face
 checkpoint. (W_K,h^T W_Q,h and every entry statistic are unchanged by it, since both matrices get the same row order.)
+Which architectures are permuted is not recorded in the file; :data:`ROPE_PERMUTED_ARCHITECTURES` lists those whose
+converter class permutes (``open_gguf(unpermute=...)`` / ``iclgd weights --no-unpermute`` overrides it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from iclgd_synth.weights.loaders import (
-    INSTALL_WEIGHTS, LayerWeights, ModelInfo, WeightSource, check_layer_shapes, require, split_heads_cols,
-    split_heads_rows,
+    INSTALL_WEIGHTS, LayerWeights, ModelInfo, WeightSource, check_layer_shapes, require, score_omissions,
+    split_heads_cols, split_heads_rows,
 )
 
-#: GGUF architectures whose converter permutes the rows of W_Q / W_K for rotary embeddings.
-ROPE_PERMUTED_ARCHITECTURES = ("llama",)
+#: GGUF architectures whose llama.cpp converter (convert_hf_to_gguf.py) applies ``LlamaModel.permute`` (or the same
+#: reordering under another name) to q_proj / k_proj: LlamaModel ("llama": LLaMA, Mistral, SmolLM2, ...), DeciModel,
+#: GraniteModel and GraniteMoeModel (subclasses of LlamaModel), ArcticModel, ChameleonModel, OlmoModel (OLMo 1, not
+#: OLMo 2) and MiniCPMModel. Kept to those checked in the converter's source: other LLaMA-like architectures
+#: (Baichuan, InternLM2, Xverse, ...) split or permute fused tensors in their own ways, and architectures with
+#: Hugging Face-style rotary pairs (Qwen2/3, Gemma, Phi-3, OLMo 2, LLaMA 4, ...) are stored unpermuted.
+ROPE_PERMUTED_ARCHITECTURES = ("llama", "deci", "granite", "granitemoe", "arctic", "chameleon", "olmo", "minicpm")
 
 
 def rope_permute(w_RxE: np.ndarray, n_heads: int) -> np.ndarray:
@@ -42,22 +50,150 @@ def rope_unpermute(w_RxE: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def field_value(reader: Any, key: str, default: Any = None) -> Any:
-    """A metadata value of a :class:`gguf.GGUFReader` (None / ``default`` when absent)."""
+    """A metadata value of a :class:`gguf.GGUFReader` (None / ``default`` when absent): a number, a string, or a list
+    for array fields."""
     field = reader.fields.get(key)
     if field is None:
         return default
     if hasattr(field, "contents"):
         return field.contents()
-    part = field.parts[field.data[0]]  # older gguf versions
-    return bytes(part).decode() if part.dtype == np.uint8 else part.tolist()[0]
+    return _field_contents(field)
+
+
+def _field_contents(field: Any) -> Any:
+    """ReaderField.contents() for gguf versions without it (before 0.11): ``field.data`` indexes the parts that hold
+    the value, one part per element for arrays; strings are uint8 parts."""
+    from gguf import GGUFValueType
+
+    def one(idx: int) -> Any:
+        part = field.parts[idx]
+        return bytes(part).decode("utf-8") if part.dtype == np.uint8 and field.types[-1] == GGUFValueType.STRING \
+            else part.tolist()[0]
+
+    if field.types and field.types[0] == GGUFValueType.ARRAY:
+        return [one(i) for i in field.data]
+    return one(field.data[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of a GGUF file: ``shape`` in GGUF order (innermost first), ``data`` a view of the file in the layout
+    :func:`gguf.quants.dequantize` takes (the gguf package's ReaderTensor.data)."""
+
+    name: str
+    shape: tuple[int, ...]
+    tensor_type: Any
+    data: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFIndex:
+    """A GGUF file's metadata (key -> value: a number, a string, or a list for arrays; arrays of more than
+    :data:`MAX_ARRAY` elements, e.g. the vocabulary, are skipped and read as None) and its tensors by name."""
+
+    fields: dict[str, Any]
+    tensors: dict[str, GGUFTensor]
+
+
+#: Longer metadata arrays (vocabularies, merges) are not decoded by :func:`read_gguf_index`.
+MAX_ARRAY = 4096
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_gguf_index(path: str | Path) -> GGUFIndex:
+    """The metadata and tensor index of a little-endian GGUF v2 / v3 file, parsed directly (the tensors stay in the
+    memory-mapped file). gguf.GGUFReader builds a NumPy view per element of every metadata array, which took 1.6 s
+    for SmolLM2's 49,152-token vocabulary; this skips long arrays and takes milliseconds. Other files (big-endian,
+    other versions) go through gguf.GGUFReader."""
+    import struct
+
+    import gguf
+    from gguf.quants import quant_shape_to_byte_shape
+
+    data = np.memmap(path, mode="r")
+    buf = memoryview(data)
+    magic, version = struct.unpack_from("<4sI", buf, 0)
+    if magic != b"GGUF" or version not in (2, 3):
+        return _index_from_reader(gguf.GGUFReader(str(path)))
+    n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
+    offs = 24
+
+    def take(fmt: str):
+        nonlocal offs
+        value = struct.unpack_from("<" + fmt, buf, offs)[0]
+        offs += struct.calcsize("<" + fmt)
+        return value
+
+    def string() -> str:
+        nonlocal offs
+        n = take("Q")
+        offs += n
+        return bytes(buf[offs - n:offs]).decode("utf-8", errors="replace")
+
+    def value(vtype: int):
+        nonlocal offs
+        if vtype in _SCALARS:
+            return take(_SCALARS[vtype])
+        if vtype == _STRING:
+            return string()
+        if vtype != _ARRAY:
+            raise ValueError(f"unknown GGUF value type {vtype}")
+        etype, count = take("I"), take("Q")
+        if etype in _SCALARS and count > MAX_ARRAY:  # fixed-size elements: jump over them
+            offs += count * struct.calcsize("<" + _SCALARS[etype])
+            return None
+        if etype == _STRING and count > MAX_ARRAY:  # only the length prefixes are read
+            for _ in range(count):
+                offs += 8 + struct.unpack_from("<Q", buf, offs)[0]
+            return None
+        return [value(etype) for _ in range(count)]
+
+    fields: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = string()
+        fields[key] = value(take("I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        n_dims = take("I")
+        dims = tuple(take("Q") for _ in range(n_dims))
+        infos.append((name, dims, take("I"), take("Q")))
+    alignment = int(fields.get("general.alignment") or gguf.GGUF_DEFAULT_ALIGNMENT)
+    start = offs + (-offs) % alignment
+    plain = {gguf.GGMLQuantizationType.F16: np.float16, gguf.GGMLQuantizationType.F32: np.float32,
+             gguf.GGMLQuantizationType.F64: np.float64, gguf.GGMLQuantizationType.I8: np.int8,
+             gguf.GGMLQuantizationType.I16: np.int16, gguf.GGMLQuantizationType.I32: np.int32,
+             gguf.GGMLQuantizationType.I64: np.int64}
+    tensors = {}
+    for name, dims, raw_type, offset in infos:
+        qtype = gguf.GGMLQuantizationType(raw_type)
+        np_dims = tuple(reversed(dims))
+        n_elems = int(np.prod(dims, dtype=np.int64))
+        if qtype in plain:  # the same views as gguf.GGUFReader makes
+            dtype, count = np.dtype(plain[qtype]), n_elems
+        else:
+            block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            dtype, count = np.dtype(np.uint8), n_elems * type_size // block_size
+            np_dims = quant_shape_to_byte_shape(np_dims, qtype)
+        at = start + offset
+        view = data[at:at + count * dtype.itemsize].view(dtype).reshape(np_dims)
+        tensors[name] = GGUFTensor(name, dims, qtype, view)
+    return GGUFIndex(fields, tensors)
+
+
+def _index_from_reader(reader: Any) -> GGUFIndex:
+    fields = {k: field_value(reader, k) for k in reader.fields}
+    return GGUFIndex(fields, {t.name: GGUFTensor(t.name, tuple(int(s) for s in t.shape), t.tensor_type, t.data)
+                              for t in reader.tensors})
 
 
 def open_gguf(path: str | Path, *, spec: str | None = None, name: str | None = None, n_heads: int | None = None,
               n_kv_heads: int | None = None, unpermute: bool | None = None) -> WeightSource:
     """Open a GGUF file (or a folder holding exactly one) as a :class:`WeightSource`.
 
-    ``unpermute`` (default: for the architectures in :data:`ROPE_PERMUTED_ARCHITECTURES`) undoes llama.cpp's rotary
-    row permutation of W_Q and W_K.
+    ``unpermute`` (None: for the architectures in :data:`ROPE_PERMUTED_ARCHITECTURES`) undoes llama.cpp's rotary
+    row permutation of W_Q and W_K; True / False force it on / off.
     """
     gguf = require("gguf", "gguf", INSTALL_WEIGHTS, "to read GGUF files")
     path = Path(path)
@@ -66,18 +202,19 @@ def open_gguf(path: str | Path, *, spec: str | None = None, name: str | None = N
         if len(files) != 1:
             raise ValueError(f"expected exactly one .gguf file in {str(path)!r}, found {len(files)}")
         path = files[0]
-    reader = gguf.GGUFReader(str(path))  # memory-maps the file: tensors are read when touched
-    arch = field_value(reader, "general.architecture")
+    index = read_gguf_index(path)  # memory-maps the file: tensors are read when touched
+    fields = index.fields
+    arch = fields.get("general.architecture")
     if arch is None:
         raise ValueError(f"{str(path)!r} has no general.architecture metadata; not a model GGUF file")
 
     def meta(key: str, default: Any = None) -> Any:
-        value = field_value(reader, f"{arch}.{key}", default)
+        value = fields.get(f"{arch}.{key}")
         if isinstance(value, list):
             raise ValueError(f"{str(path)!r}: per-layer {arch}.{key} ({value[:4]}...) is not supported")
-        return value
+        return default if value is None else value
 
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = index.tensors
     n_layers = meta("block_count")
     hidden = meta("embedding_length")
     heads = n_heads or meta("attention.head_count")
@@ -104,10 +241,13 @@ def open_gguf(path: str | Path, *, spec: str | None = None, name: str | None = N
     if storage not in ("F32", "F16", "BF16", "F64"):
         notes.append(f"{storage}-quantized: entries lie on a per-block grid, which shapes the small-magnitude and "
                      "exact-zero fractions")
-    info = ModelInfo(name=name or str(field_value(reader, "general.name") or path.stem), source=spec or str(path),
+    rotary = do_unpermute or any(k.startswith(f"{arch}.rope.") for k in fields)
+    biases = any(f"blk.0.{t}.bias" in tensors for t in ("attn_q", "attn_k", "attn_qkv"))
+    info = ModelInfo(name=name or str(fields.get("general.name") or path.stem), source=spec or str(path),
                      format="gguf", architecture=str(arch), n_layers=int(n_layers), n_heads=int(heads),
                      n_kv_heads=int(kv_heads), head_dim=int(head_dim), value_dim=int(value_dim),
-                     hidden_size=int(hidden), storage=storage, notes=tuple(notes))
+                     hidden_size=int(hidden), storage=storage, notes=tuple(notes),
+                     score_omits=score_omissions(rotary=rotary, biases=biases))
 
     def load(tname: str) -> np.ndarray:
         if tname not in tensors:
@@ -133,4 +273,5 @@ def open_gguf(path: str | Path, *, spec: str | None = None, name: str | None = N
                             split_heads_rows(v, info.n_kv_heads, "attn_v"),
                             split_heads_cols(o, info.n_heads, "attn_output"))
 
-    return WeightSource(info=info, read_layer=read, kind="llm")
+    return WeightSource(info=info, read_layer=read, kind="llm", files=(str(path.resolve()),),
+                        options=(("unpermute", do_unpermute),))

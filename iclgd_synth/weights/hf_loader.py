@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from iclgd_synth.weights.loaders import (
-    INSTALL_WEIGHTS, LayerWeights, ModelInfo, WeightSource, check_layer_shapes, require, split_heads_cols,
-    split_heads_rows,
+    INSTALL_WEIGHTS, LayerWeights, ModelInfo, WeightSource, check_layer_shapes, require, score_omissions,
+    split_heads_cols, split_heads_rows,
 )
 
 #: layout -> (tensor-name pattern, {name part: role}); roles q, k, v, o, or qkv (fused).
@@ -86,9 +86,16 @@ def open_hf(path: str | Path, *, spec: str | None = None, name: str | None = Non
     if storage != "F32":
         notes.append(f"stored as {storage}, read as float32")
     display = name or str(config.get("_name_or_path") or folder.name).rstrip("/").split("/")[-1]
+    # LLaMA-layout models (LLaMA, Mistral, Qwen, SmolLM, ...) all use rotary positions; GPT-2 and BERT add learned
+    # absolute position embeddings to the hidden state instead, unless the config says otherwise
+    rotary = (layout == "llama" or config.get("position_embedding_type") == "rotary"
+              or any(k in config for k in ("rope_theta", "rotary_dim", "rope_scaling")))
+    biases = any(tname(0, r).removesuffix(".weight") + ".bias" in where for r in (("qkv",) if layout == "gpt2"
+                                                                                   else ("q", "k")))
     info = ModelInfo(name=display, source=spec or str(path), format="safetensors", architecture=layout,
                      n_layers=n_layers, n_heads=heads, n_kv_heads=kv_heads, head_dim=int(head_dim),
-                     value_dim=int(value_dim), hidden_size=int(hidden), storage=storage, notes=tuple(notes))
+                     value_dim=int(value_dim), hidden_size=int(hidden), storage=storage, notes=tuple(notes),
+                     score_omits=score_omissions(rotary=rotary, biases=biases))
 
     def load(tn: str) -> np.ndarray:
         with safetensors.safe_open(str(where[tn]), framework="numpy") as f:
@@ -108,7 +115,9 @@ def open_hf(path: str | Path, *, spec: str | None = None, name: str | None = Non
         return LayerWeights(i, split_heads_rows(q, info.n_heads, "q"), split_heads_rows(k, info.n_kv_heads, "k"),
                             split_heads_rows(v, info.n_kv_heads, "v"), split_heads_cols(o, info.n_heads, "o"))
 
-    return WeightSource(info=info, read_layer=read, kind="llm")
+    config_file = [str((folder / "config.json").resolve())] if (folder / "config.json").exists() else []
+    return WeightSource(info=info, read_layer=read, kind="llm",
+                        files=tuple(sorted({str(f.resolve()) for f in files} | set(config_file))))
 
 
 def _files(path: Path) -> list[Path]:

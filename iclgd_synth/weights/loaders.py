@@ -57,6 +57,8 @@ class ModelInfo:
       storage: how the attention weights are stored ("F32", "BF16", "Q4_1", ...); quantized grids matter for
         small-magnitude and exact-zero statistics.
       notes: anything done to the tensors on the way (un-permuting, transposing) or to keep in mind.
+      score_omits: what the per-head W_K^T W_Q leaves out of this model's attention score ("" = nothing: the
+        linear-attention models' score is exactly z^T W_K^T W_Q z); see :func:`score_omissions`.
     """
 
     name: str
@@ -71,6 +73,7 @@ class ModelInfo:
     hidden_size: int
     storage: str = "F32"
     notes: tuple[str, ...] = ()
+    score_omits: str = ""
 
     def __post_init__(self):
         for f in ("n_layers", "n_heads", "n_kv_heads", "head_dim", "value_dim", "hidden_size"):
@@ -145,12 +148,17 @@ class WeightSource:
       read_layer: layer index -> :class:`LayerWeights` (reads only that layer's tensors).
       kind: "llm", "hand", "trained" or "synthetic": the role the source plays in a comparison.
       max_layers: read at most this many layers (the first ones); None reads all.
+      files: the checkpoint files the layers are read from (empty for in-memory sources); with ``options`` (the
+        reading options that change the matrices, e.g. un-permuting) they key the statistics cache
+        (:mod:`~iclgd_synth.weights.cache`).
     """
 
     info: ModelInfo
     read_layer: Callable[[int], LayerWeights]
     kind: str = "llm"
     max_layers: int | None = None
+    files: tuple[str, ...] = ()
+    options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def name(self) -> str:
@@ -198,13 +206,33 @@ def builtin_path(name: str) -> Path:
     return path
 
 
+def installed_builtins() -> list[str]:
+    """The built-in sources whose packages are installed (their files are not opened)."""
+    return [n for n, (module, *_) in BUILTIN_SOURCES.items() if importlib.util.find_spec(module) is not None]
+
+
+def score_omissions(*, rotary: bool, biases: bool) -> str:
+    """What a head's W_K^T W_Q leaves out of the attention score x_i^T W_Q^T ... W_K x_j of a real model."""
+    parts = []
+    if rotary:
+        # score at offset i - j: x_i^T W_Q^T R(i - j) W_K x_j; R(0) = I
+        parts.append("the rotary position rotation (it is the score form at zero relative offset)")
+    if biases:
+        # (W_Q x + b_Q)^T (W_K y + b_K) adds b_Q^T W_K y + x^T W_Q^T b_K + b_Q^T b_K
+        parts.append("the query and key biases")
+    return " and ".join(parts)
+
+
 def open_source(source: str | Path, *, max_layers: int | None = None, n_heads: int | None = None,
-                n_kv_heads: int | None = None, name: str | None = None) -> WeightSource:
+                n_kv_heads: int | None = None, name: str | None = None,
+                unpermute: bool | None = None) -> WeightSource:
     """Open a real checkpoint: a built-in name (``smollm2``, ``minilm``), a .gguf file, a .safetensors file, or a folder
     holding either (a Hugging Face model folder with config.json, or one .gguf file).
 
     ``n_heads`` / ``n_kv_heads`` override (or, without a config.json, supply) the head counts; ``name`` overrides the
-    readable name used in reports; ``max_layers`` reads only the first layers.
+    readable name used in reports; ``max_layers`` reads only the first layers. ``unpermute`` (GGUF only; None = by
+    architecture, see :data:`~iclgd_synth.weights.gguf_loader.ROPE_PERMUTED_ARCHITECTURES`) undoes llama.cpp's rotary
+    row permutation of W_Q and W_K; Hugging Face checkpoints are stored unpermuted and ignore it.
     """
     from iclgd_synth.weights import gguf_loader, hf_loader
 
@@ -222,7 +250,7 @@ def open_source(source: str | Path, *, max_layers: int | None = None, n_heads: i
                                     "a folder holding a Hugging Face checkpoint (config.json + *.safetensors)")
     kind = _detect_format(path)
     if kind == "gguf":
-        src = gguf_loader.open_gguf(path, spec=spec, name=display, **kwargs)
+        src = gguf_loader.open_gguf(path, spec=spec, name=display, unpermute=unpermute, **kwargs)
     else:
         src = hf_loader.open_hf(path, spec=spec, name=display, **kwargs)
     return src.with_max_layers(max_layers)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from iclgd_synth.weights.collect import MATRICES, SourceStats, collect_stats
-from iclgd_synth.weights.loaders import WeightSource, open_source
+from iclgd_synth.weights.loaders import BUILTIN_SOURCES, WeightSource, open_source
 from iclgd_synth.weights.resemblance import (
     INSIDE_PERCENTILES, SUMMARY_ROWS, inside_counts, resemblance,
 )
@@ -49,7 +49,8 @@ INSIDE_RULE = (f"inside = between the LLM's {INSIDE_PERCENTILES[0]:g}st and {INS
 def weights_report(llm_sources: Sequence[str | Path | WeightSource], out_dir: str | Path, trained: Any = None, *,
                    trained_note: str | None = None, hand: Sequence[HandSpec | tuple] = DEFAULT_HAND,
                    max_layers: int | None = None, n_heads: int | None = None, n_kv_heads: int | None = None,
-                   figures: bool = True, progress: bool = True) -> dict:
+                   figures: bool = True, progress: bool = True, unpermute: bool | None = None,
+                   cache: bool | str | Path | None = None) -> dict:
     """Compare hand-constructed (and trained) attention weights with real LLM weights; write the report to
     ``out_dir`` and return its content.
 
@@ -60,8 +61,12 @@ def weights_report(llm_sources: Sequence[str | Path | WeightSource], out_dir: st
         model; ``trained_note`` says where it came from (or why there is none) in the report.
       hand: hand-constructed sources as :class:`HandSpec` or (construction, D) tuples.
       max_layers: read only the first layers of each LLM (quick looks, tests).
-      n_heads / n_kv_heads: head counts for checkpoints without a config.json.
+      n_heads / n_kv_heads: head counts for checkpoint paths without a config.json / metadata; not applied to the
+        built-in sources (whose head counts are known) nor to WeightSource objects.
       figures: write the PNG figures. progress: tqdm bars over layers.
+      unpermute: for GGUF checkpoints, undo llama.cpp's rotary row permutation of W_Q / W_K (None: by architecture).
+      cache: the LLM statistics cache (:func:`~iclgd_synth.weights.collect.collect_stats`): None from the
+        environment (``ICLGD_CACHE``), False off, or a folder.
 
     Returns:
       dict with "summary_markdown" (the summary table), "resemblance" (every row), "summary" (the summary rows),
@@ -72,8 +77,8 @@ def weights_report(llm_sources: Sequence[str | Path | WeightSource], out_dir: st
     out_dir.mkdir(parents=True, exist_ok=True)
     if not llm_sources:
         raise ValueError("weights_report needs at least one LLM source (e.g. 'smollm2', 'minilm' or a path)")
-    llm_src = [s if isinstance(s, WeightSource) else
-               open_source(s, max_layers=max_layers, n_heads=n_heads, n_kv_heads=n_kv_heads) for s in llm_sources]
+    llm_src = [open_llm(s, max_layers=max_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, unpermute=unpermute)
+               for s in llm_sources]
     llm_src = [s.with_max_layers(max_layers) if max_layers is not None else s for s in llm_src]
     others = [hand_source(h) for h in hand]
     if trained is not None:
@@ -81,8 +86,8 @@ def weights_report(llm_sources: Sequence[str | Path | WeightSource], out_dir: st
     named = _unique_names(llm_src + others)
     llm_src, others = named[:len(llm_src)], named[len(llm_src):]
 
-    llms = [collect_stats(s, progress=progress) for s in llm_src]
-    rest = [collect_stats(s, progress=progress) for s in others]
+    llms = [collect_stats(s, progress=progress, cache=cache) for s in llm_src]
+    rest = [collect_stats(s, progress=progress, cache=False) for s in others]
     rows = resemblance(llms, rest)
     summary = resemblance(llms, rest, SUMMARY_ROWS)
     counts = inside_counts(summary)
@@ -110,6 +115,16 @@ def weights_report(llm_sources: Sequence[str | Path | WeightSource], out_dir: st
     files["stats"] = str(out_dir / "weight_stats.json")
     return {"summary_markdown": summary_md, "summary": summary, "resemblance": rows, "inside_counts": counts,
             "files": files, "seconds": seconds, "stats": {s.name: s for s in llms + rest}, "trained": trained_note}
+
+
+def open_llm(source: str | Path | WeightSource, *, max_layers: int | None = None, n_heads: int | None = None,
+             n_kv_heads: int | None = None, unpermute: bool | None = None) -> WeightSource:
+    """One LLM source of the report: a WeightSource as given; a built-in name opened without the head-count
+    overrides (they are meant for checkpoint paths that lack the metadata); a path opened with them."""
+    if isinstance(source, WeightSource):
+        return source
+    heads = {} if str(source) in BUILTIN_SOURCES else dict(n_heads=n_heads, n_kv_heads=n_kv_heads)
+    return open_source(source, max_layers=max_layers, unpermute=unpermute, **heads)
 
 
 # --- markdown -----------------------------------------------------------------------------------------------------
@@ -213,8 +228,9 @@ def _sources_table(stats: Sequence[SourceStats]) -> str:
              "time (s) | notes |", "|---|---|---|---|---|---|---|---|---|"]
     for s in stats:
         i = s.info
+        when = f"{s.seconds:.1f} (cached)" if s.cached else f"{s.seconds:.1f}"
         lines.append(f"| {s.name} | {s.kind} | {i.format} ({i.storage}) | {s.n_layers} / {i.n_layers} | {i.n_heads} "
-                     f"({i.n_kv_heads}) | {i.head_dim} | {i.hidden_size} | {s.seconds:.1f} | "
+                     f"({i.n_kv_heads}) | {i.head_dim} | {i.hidden_size} | {when} | "
                      f"{'; '.join(i.notes) or ''} |")
     return "\n".join(lines)
 
@@ -231,11 +247,18 @@ def _markdown(llms, rest, rows, summary_md, counts, short, n_rows, trained_note,
     llm_names, other_names = [l.name for l in llms], [o.name for o in rest]
     n_table = ["| N | P[y, y] = eta / N | fraction of P with abs < 1e-2 | abs < 1e-3 |", "|---|---|---|---|"]
     n_table += [f"| {r['N']} | {fmt(r['P_yy'])} | {fmt(r['abs<1e-2'])} | {fmt(r['abs<1e-3'])} |" for r in n_rows]
-    figs = {"magnitudes": "Histograms of log10(|w| / RMS) of the whole-layer matrices (exact zeros in the legend)",
-            "small_fraction": "Fraction of entries with |w| < t against t (the critique's sparsity curve)",
+    heads_shown = _heatmap_heads(llms, short)
+    figs = {"magnitudes": "Histograms of log10(|w| / RMS(W)): each entry's magnitude relative to the root-mean-square "
+                          "of its whole-layer matrix (0 = an entry of typical size, -3 = a thousand times smaller), "
+                          "as the fraction of all entries per bin; exact zeros have no logarithm and are counted in "
+                          "the legend",
+            "small_fraction": "Fraction of entries with |w| < t against the absolute threshold t (the critique's "
+                              "sparsity curve)",
             "spectra": "Normalised singular values s_k / s_1 against k / n (LLMs: median and 10-90% band)",
-            "kq_heatmaps": "Heat maps of W_K^T W_Q (hand, trained, and LLM heads)",
-            "ov_heatmaps": "Heat maps of W_O W_V = P W_V (hand, trained, and LLM heads)",
+            "kq_heatmaps": f"Heat maps of W_K^T W_Q: the hand constructions with D <= 64, the trained model, and "
+                           f"{heads_shown}",
+            "ov_heatmaps": f"Heat maps of W_O W_V = P W_V: the hand constructions with D <= 64, the trained model, and "
+                           f"{heads_shown}",
             "n_dependence": "The hand weights' P = eta / N against the number of demonstrations N"}
     fig_md = "\n".join(f"**{desc}.**\n\n![{key}]({Path(files[key]).name})\n" for key, desc in figs.items()
                        if key in files)
@@ -262,6 +285,10 @@ Trained model: {trained_note}.
 - {INSIDE_RULE}. Percentile p = 100 (#below + #equal / 2) / n; z = (value - mean) / std of the LLM's values.
 - Rank-like statistics are divided by n = min(rows, cols). A per-head W_K^T W_Q of an LLM has rank <= head dim, a
   hand-constructed one (one head, key size D) rank d = D - 1: part of the difference is architectural.
+- Symmetry, cosine with I, diagonal and top-row energy are computed for the per-head products only (E x E, the
+  same hidden / token coordinates on both sides); for a whole-layer W_Q or W_O they would depend on the arbitrary
+  order of the heads' coordinates.
+- What an LLM's W_K^T W_Q leaves out of its attention score: {_omissions(llms, short)}.
 
 ## Summary
 
@@ -315,6 +342,24 @@ def _figures(out_dir: Path, llms, rest, n_rows) -> dict[str, str]:
         if examples:
             files[key] = figures.heatmaps(out_dir / f"{key}.png", examples)
     return {k: str(v) for k, v in files.items()}
+
+
+def _omissions(llms: Sequence[SourceStats], short: dict[str, str]) -> str:
+    return "; ".join(f"{short[s.name]} ({s.info.architecture}): {s.info.score_omits or 'nothing'}" for s in llms)
+
+
+def _heatmap_heads(llms: Sequence[SourceStats], short: dict[str, str]) -> str:
+    """Which LLM heads the heat maps show, e.g. "SmolLM2 layers 0 and 15, head 0 of each"."""
+    parts = []
+    for s in llms:
+        layers = sorted({int(k.split(" L")[1].split()[0]) for k in s.examples if k.startswith("W_K^T W_Q")})
+        if layers:
+            parts.append(f"{short[s.name]} layer{'s' if len(layers) > 1 else ''} "
+                         f"{' and '.join(map(str, layers))}, head 0")
+    if not parts:
+        return "no LLM heads (too large to draw)"
+    return (f"the LLM heads {'; '.join(parts)} (the first layer and the middle one; query head 0 with its key/value "
+            f"head 0), each LLM's first also as its top-left {CROP} x {CROP} corner")
 
 
 def _short(s: SourceStats) -> str:
