@@ -62,8 +62,16 @@ def linear_attention_dual(tokens_BxTxD: Array, layer: dict, keys_T: Array, *, ca
     kq_HxDxD, pv_HxDxD = head_products(layer)
     keys_BxTxD = tokens_BxTxD * keys_T[None, :, None].astype(tokens_BxTxD.dtype)
     queries_BxTxD = tokens_BxTxD[:, -1:] if query_only else tokens_BxTxD
-    if not causal or query_only:
-        # Every query sees every key (a causal query token, last in the sequence, sees them all too).
+    if query_only:
+        # The query alone (last in the sequence, so it sees every key, causal or not): C z is sum_t e_t (e_t . z),
+        # two matrix-vector passes, O(N D) per head instead of forming C and the D x D x D product.
+        z_BxHxD = jnp.einsum("hde,bqe->bhd", kq_HxDxD, queries_BxTxD)
+        a_BxHxT = jnp.einsum("btd,bhd->bht", keys_BxTxD, z_BxHxD)
+        s_BxHxD = jnp.einsum("bht,bte->bhe", a_BxHxT, keys_BxTxD)
+        update = jnp.einsum("hde,bhe->bd", pv_HxDxD, s_BxHxD)[:, None, :]
+        count = jnp.sum(keys_T)
+    elif not causal:
+        # Every query sees every key.
         c_BxDxD = jnp.einsum("btd,bte->bde", keys_BxTxD, keys_BxTxD)
         m_BxDxD = jnp.einsum("hde,bef,hfg->bdg", pv_HxDxD, c_BxDxD, kq_HxDxD)
         update = jnp.einsum("bdg,btg->btd", m_BxDxD, queries_BxTxD)

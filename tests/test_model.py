@@ -480,3 +480,22 @@ def test_repeated_eager_lsa_predict_compiles_nothing_new(options):
     assert compiled[n_guard:] == []
     chex.assert_shape([first, second], (9,))
     chex.assert_trees_all_close(first, ic.gd_predict(batch, 0.3, 4), atol=1e-5, rtol=1e-5)  # still 4 GD steps
+
+
+@given(d=st.integers(1, 5), n=st.integers(1, 7), heads=st.integers(1, 3), causal=st.booleans(),
+       include_query=st.booleans(), normalize=st.booleans(), seed=st.integers(0, 2**16))
+def test_query_only_dual_update_equals_the_quadratic_form(x64, d, n, heads, causal, include_query, normalize, seed):
+    # The query-only dual path never forms C (two matrix-vector passes); it must equal the O(T^2) reference.
+    rng = np.random.default_rng(seed)
+    dd, kq = d + 1, int(rng.integers(1, 4))
+    layer = {name: jnp.asarray(rng.normal(size=shape)) for name, shape in
+             (("w_q", (heads, kq, dd)), ("w_k", (heads, kq, dd)), ("w_v", (heads, dd, dd)), ("w_p", (heads, dd, dd)))}
+    tokens = jnp.asarray(rng.normal(size=(3, n + 1, dd)))
+    keys = attn.key_mask(n + 1, n, include_query)
+    kw = dict(causal=causal, normalize=normalize, query_only=True)
+    dual = attn.linear_attention_dual(tokens, layer, keys, **kw)
+    quad = attn.linear_attention_quadratic(tokens, layer, keys, **kw)
+    chex.assert_shape(dual, (3, 1, dd))
+    assert dual.dtype == jnp.float64
+    assert float(jnp.max(jnp.abs(quad))) > 1e-3
+    chex.assert_trees_all_close(dual, quad, rtol=1e-12, atol=1e-12)
