@@ -18,7 +18,7 @@ import functools
 import json
 import math
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,7 @@ from iclgd_synth.learners.tuning import tune_gd
 from iclgd_synth.losses import half_mse
 from iclgd_synth.model import lsa_predict
 from iclgd_synth.tasks import TASK_PRESETS, TaskBatch, sample
-from iclgd_synth.validation import check_float, check_int
+from iclgd_synth.validation import check_float, check_int, int_at_least
 
 #: float64 differences above this make the command exit non-zero (the construction is exact up to rounding).
 FLOAT64_TOLERANCE = 1e-10
@@ -108,20 +108,6 @@ def equivalence_table(batch_size: int = 1000, max_layers: int = 5, *, seed: int 
     return rows
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``, else a clean usage error (exit status 2), not a traceback."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
 def _finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -133,10 +119,10 @@ def _finite_float(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=_int_at_least(1), default=1000, help="number of tasks (default 1000)")
-    parser.add_argument("--max-layers", type=_int_at_least(1), default=5,
+    parser.add_argument("--batch-size", type=int_at_least(1), default=1000, help="number of tasks (default 1000)")
+    parser.add_argument("--max-layers", type=int_at_least(1), default=5,
                         help="K runs over 1..max-layers (default 5)")
-    parser.add_argument("--seed", type=_int_at_least(0), default=0, help="PRNG seed of the tasks (default 0)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="PRNG seed of the tasks (default 0)")
     parser.add_argument("--gamma", type=_finite_float, default=0.1,
                         help="GD++ input-transformation strength (default 0.1)")
     parser.add_argument("--matmul-precision", default=None, choices=["default", "high", "highest"],

@@ -6,9 +6,10 @@ cannot be inspected; the public entry points check their arguments before tracin
 
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -98,3 +99,17 @@ def finite_or_inf(x: float) -> float:
     """``float(x)``, with NaN mapped to +inf (for 'best value' searches)."""
     x = float(x)
     return math.inf if math.isnan(x) else x
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``, else a clean usage error (exit status 2), not a traceback."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse

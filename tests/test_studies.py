@@ -1,6 +1,7 @@
 """Study runs: the main job's run directory, its metrics and report, and no recomputation of finished runs; every
 training study end to end at tiny sizes; the expectations table; the benchmark's quick mode."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -224,3 +225,18 @@ def test_bench_times_the_main_job_with_and_without_the_llm_section(monkeypatch, 
                                 "forward": [], "main_job": m})
     assert "with the LLM weight comparison" in text and "without it (--no-llm-weights)" in text
     assert "LLM section 1.5 s" in text
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--llm-max-layers", "0"], ["--llm-max-layers", "two"]])
+def test_run_rejects_non_positive_counts_with_a_usage_error(argv, capsys):
+    from iclgd_synth.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "vonoswald", "--quick", *argv])
+    assert exit_info.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_study_config_rejects_llm_max_layers_below_one():
+    with pytest.raises(ValueError, match="llm_max_layers"):
+        dataclasses.replace(PRESETS["vonoswald"], llm_max_layers=0)

@@ -24,6 +24,7 @@ from iclgd_synth.studies import gd_comparison
 from iclgd_synth.studies.gd_comparison import GDComparisonStudy
 from iclgd_synth.tasks import TASK_PRESETS
 from iclgd_synth.train import TrainConfig
+from iclgd_synth.validation import int_at_least
 
 _TASK = TASK_PRESETS["vonoswald"]
 _LSA = ModelConfig(dim=10)
@@ -124,12 +125,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="CI-sized run (few steps, few tasks)")
     parser.add_argument("--force", action="store_true", help="recompute even if a finished run exists")
     parser.add_argument("--root", default="runs", help="directory of run directories (default: runs)")
-    parser.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    parser.add_argument("--steps", type=int_at_least(1), default=None, help="override the number of training steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds trained together")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-llm-weights", action="store_true",
-                        help="leave out the real-LLM weight comparison of the main job (about 15-25 s)")
-    parser.add_argument("--llm-max-layers", type=int, default=None,
+                        help="leave out the real-LLM weight comparison of the main job (about 10 s, 3 s with the\n"
+                             "statistics cached)")
+    parser.add_argument("--llm-max-layers", type=int_at_least(1), default=None,
                         help="read only the first N layers of each LLM in the weight comparison; keeps the "
                              "comparison under --quick too")
 

@@ -27,6 +27,7 @@ from iclgd_synth.studies.expectations import expectation_table
 from iclgd_synth.studies.rundir import finish_run, is_finished, read_json, run_directory, write_json, write_text_atomic
 from iclgd_synth.tasks import sample
 from iclgd_synth.train import TrainConfig, train
+from iclgd_synth.validation import check_int
 
 TUNE_SEED, EVAL_SEED = 1_000_003, 2_000_003
 
@@ -66,6 +67,10 @@ class GDComparisonStudy:
     ood: bool = True
     llm_weights: tuple[str, ...] = ()
     llm_max_layers: int | None = None
+
+    def __post_init__(self):
+        if self.llm_max_layers is not None:
+            check_int("llm_max_layers", self.llm_max_layers, min_value=1)
 
     @property
     def eval_tasks(self) -> int:
