@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 
 import jax
@@ -49,3 +51,37 @@ def x64():
 @pytest.fixture
 def key():
     return jax.random.PRNGKey(0)
+
+
+@contextlib.contextmanager
+def _jax_compile_log():
+    """Collect JAX's "Compiling ..." log lines (jax.log_compiles) emitted inside the block."""
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("Compiling"):
+                records.append(record.getMessage())
+
+    handler, logger = Collect(level=logging.DEBUG), logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles():
+            yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+@pytest.fixture
+def compiles_of():
+    """``compiles_of(fn) -> (fn(), [JAX compilations fn triggered])``; first checks that the log capture works."""
+
+    def run(fn):
+        with _jax_compile_log() as records:
+            jax.block_until_ready(jax.jit(lambda v: v * 2.0 + 1.0)(1.0))  # a fresh function must be seen compiling
+            n_guard = len(records)
+            assert n_guard >= 1, "capturing jax.log_compiles output failed"
+            out = jax.block_until_ready(fn())
+        return out, records[n_guard:]
+
+    return run
