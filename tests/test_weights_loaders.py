@@ -433,10 +433,13 @@ def test_unreadable_cache_entry_is_recomputed(tmp_path):
     path = write_gguf(tmp_path / "t.gguf", tiny_attention(n_layers=1), 4, 2, 32)
     src = open_source(path)
     fresh = collect_stats(src, cache=folder)
-    (folder / f"{cache.cache_key(src)}.npz").write_bytes(b"not a zip file")
-    again = collect_stats(src, cache=folder)
-    assert not again.cached
-    _same_stats(fresh, again)
+    entry = folder / f"{cache.cache_key(src)}.npz"
+    whole = entry.read_bytes()
+    for damaged in (b"not a zip file", whole[: len(whole) // 2], whole[:-40]):  # garbage, and truncated zips
+        entry.write_bytes(damaged)
+        again = collect_stats(src, cache=folder)
+        assert not again.cached
+        _same_stats(fresh, again)
 
 
 # --- errors -----------------------------------------------------------------------------------------------------------

@@ -15,11 +15,13 @@ treated as absent; a cache folder that cannot be written is skipped silently.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,7 @@ def cache_dir(setting: bool | str | Path | None = None) -> Path | None:
     return Path(base) / "iclgd_synth"
 
 
+@functools.cache
 def _code_hash() -> str:
     h = hashlib.sha256()
     here = Path(__file__).parent
@@ -95,8 +98,8 @@ def load(folder: Path, key: str, source: WeightSource) -> SourceStats | None:
                                               int(total))
             for j, name in enumerate(meta["examples"]):
                 out.examples[name] = z[f"example_{j}"].copy()
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
-        return None
+    except (OSError, ValueError, KeyError, TypeError, EOFError, json.JSONDecodeError, zipfile.BadZipFile):
+        return None  # a damaged or foreign file is treated as absent
     out.seconds = time.perf_counter() - t0
     return out
 

@@ -67,12 +67,6 @@ class Histogram:
     def empty(cls, edges: np.ndarray) -> "Histogram":
         return cls(edges, np.zeros(len(edges) - 1, np.int64))
 
-    def add(self, magnitudes: np.ndarray, size: int | None = None) -> None:
-        """Count the entries ``magnitudes`` of a matrix of ``size`` entries (default: all of them are given; the
-        entries not given are exact zeros)."""
-        a = np.abs(np.asarray(magnitudes, np.float64)).ravel()
-        self.add_log10(np.log10(a[a > 0]), a.size if size is None else size)
-
     def add_log10(self, logs: np.ndarray, size: int) -> None:
         """Count a matrix of ``size`` entries given log10 of the magnitudes of its nonzero entries."""
         # the edges are evenly spaced: numpy's equal-bin path (same edges, same counts, several times faster)

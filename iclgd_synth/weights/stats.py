@@ -379,17 +379,14 @@ def _shape(w) -> tuple[int, int]:
     return w.shape if isinstance(w, SparseMatrix) else np.shape(w)
 
 
-def product_singular_values(a, b, ra=None, rb=None) -> np.ndarray:
+def product_singular_values(a, b) -> np.ndarray:
     """Singular values of A @ B (all min(rows A, cols B) of them), cheaply when the inner size r is small:
-    A = Qa Ra and B^T = Qb Rb give A B = Qa (Ra Rb^T) Qb^T, whose singular values are those of the r x r Ra Rb^T.
-    ``ra`` / ``rb``: the R factors of A and B^T when already computed (shared by the heads of a key/value group)."""
+    A = Qa Ra and B^T = Qb Rb give A B = Qa (Ra Rb^T) Qb^T, whose singular values are those of the r x r Ra Rb^T."""
     if not is_thin_product(a, b):
         return singular_values(product(a, b))
     a, b = as_matrix(a), as_matrix(b)
     k = min(a.shape[0], b.shape[1])
-    ra = thin_r(a) if ra is None else ra
-    rb = thin_r(b.T) if rb is None else rb
-    s = np.linalg.svd(ra @ rb.T, compute_uv=False)
+    s = np.linalg.svd(thin_r(a) @ thin_r(b.T).T, compute_uv=False)
     return np.concatenate([s, np.zeros(k - s.size)])
 
 
@@ -514,11 +511,11 @@ def matrix_stats(w, s=None, *, square: bool = False) -> dict[str, float]:
     return out
 
 
-def product_stats(a, b, *, ra=None, rb=None) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+def product_stats(a, b) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Statistics of M = A @ B (with the product statistics), M itself and its singular values (from the thin
-    factors when that is cheaper; ``ra`` / ``rb`` as in :func:`product_singular_values`)."""
+    factors when that is cheaper)."""
     a = a if isinstance(a, SparseMatrix) else as_matrix(a)
     b = b if isinstance(b, SparseMatrix) else as_matrix(b)
     m = product(a, b)
-    s = product_singular_values(a, b, ra, rb) if is_thin_product(a, b) else singular_values(m)
+    s = product_singular_values(a, b) if is_thin_product(a, b) else singular_values(m)
     return matrix_stats(m, s, square=True), m, s
