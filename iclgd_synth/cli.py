@@ -1,11 +1,14 @@
 """The ``iclgd`` command line: thin wrappers over the library.
 
+    iclgd run NAME [--quick] [--set PATH=VALUE] [--seeds S ...]   run a study into runs/NAME-<hash>/
+    iclgd report RUN_DIR                  re-render a finished run's report and figures (nothing recomputed)
     iclgd equivalence [--json]            hand-constructed LSA vs explicit GD / GD++ (max abs difference)
-    iclgd run NAME [--quick] [--force]    run a study (see ``iclgd run --list``) into runs/NAME-<hash>/
-    iclgd bench [--quick] [--no-main-job] speed figures on the current backend (main job with / without LLM)
+    iclgd bench [--quick] [--no-main-job] speed figures on the current backend
     iclgd weights --llm smollm2|minilm|PATH --out DIR    weight statistics vs real LLM weights
 
-Each sub-command lives in the module that owns it; this file only parses arguments.
+Each sub-command lives in the module that owns it; this file only parses arguments, and imports only the module of
+the command that is run (``iclgd --help`` imports no JAX). Ordinary mistakes (a bad value, a missing file) end with
+one ``iclgd: error: ...`` line and exit status 2; Ctrl-C ends with a line saying how to resume (status 130).
 """
 
 from __future__ import annotations
@@ -16,27 +19,44 @@ import sys
 
 # sub-command -> module with ``add_arguments(parser)`` and ``main(args) -> int``
 COMMANDS = {
-    "equivalence": ("iclgd_synth.equivalence", "hand-constructed LSA weights vs explicit GD and GD++"),
     "run": ("iclgd_synth.studies", "run a named study and write its report"),
+    "report": ("iclgd_synth.reports.command", "re-render the report of a finished run from its metrics"),
+    "equivalence": ("iclgd_synth.equivalence", "hand-constructed LSA weights vs explicit GD and GD++"),
     "bench": ("iclgd_synth.bench", "speed benchmarks on the current backend"),
     "weights": ("iclgd_synth.weights.command", "compare hand-constructed and trained weights with real LLM weights"),
 }
 
+#: Errors that are the user's to fix: reported in one line, no traceback.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError,
+               FileExistsError, MemoryError)
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (all of them when None)."""
     parser = argparse.ArgumentParser(prog="iclgd", description="iclgd_synth: is in-context learning gradient descent?")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        mod.add_arguments(p)
+        if command is None or command == name:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(importlib.import_module(args._module).main(args) or 0)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else "")
+    args = parser.parse_args(argv)
+    try:
+        return int(importlib.import_module(args._module).main(args) or 0)
+    except KeyboardInterrupt:
+        print("\niclgd: interrupted. Finished results and training checkpoints are kept; run the same command again "
+              "to resume.", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        print(f"iclgd {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

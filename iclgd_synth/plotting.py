@@ -107,3 +107,79 @@ def per_layer_losses(path, curves: Mapping[str, Sequence[float]], *, title: str 
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def bar_chart(path: Path, values: Mapping[str, float], *, ylabel: str, title: str, log: bool = False,
+              floor: float | None = None, errors: Mapping[str, float] | None = None) -> str:
+    names = list(values)
+    vals = np.array([values[n] for n in names], np.float64)
+    if floor is not None:
+        vals = np.maximum(vals, floor)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(names) + 2), 4))
+    err = None if errors is None else [errors.get(n, 0.0) for n in names]
+    ax.bar(range(len(names)), vals, yerr=err, color=[f"C{i % 10}" for i in range(len(names))])
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
+    if log:
+        ax.set_yscale("log")
+    if floor is not None:
+        ax.axhline(floor, color="grey", lw=0.8, ls=":")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    return save_figure(fig, path).name
+
+
+def line_chart(path: Path, xs: Sequence[float], series: Mapping[str, Sequence[float]], *, xlabel: str, ylabel: str,
+               title: str, logy: bool = False, logx: bool = False, floor: float | None = None) -> str:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, ys) in enumerate(series.items()):
+        ys = np.asarray(ys, np.float64)
+        if floor is not None:
+            ys = np.maximum(ys, floor)
+        ax.plot(xs, ys, marker="o", ms=4, label=name, color=f"C{i % 10}")
+    if logy:
+        ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path).name
+
+
+def heatmap(path: Path, matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], *, title: str,
+            vmin: float = -1.0, vmax: float = 1.0, cmap: str = "RdBu_r") -> str:
+    m = np.asarray(matrix, np.float64)
+    fig, ax = plt.subplots(figsize=(1.4 * len(col_labels) + 3.5, 0.45 * len(row_labels) + 1.8))
+    im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(col_labels)))
+    ax.set_xticklabels(col_labels, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(row_labels)))
+    ax.set_yticklabels(row_labels, fontsize=8)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, "n/a" if not np.isfinite(m[i, j]) else f"{m[i, j]:.2f}", ha="center", va="center",
+                    fontsize=7)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(title, fontsize=10)
+    return save_figure(fig, path).name
+
+
+def model_loss_curves(path: Path, losses: Mapping[str, np.ndarray], *, title: str, smooth: int = 50,
+                baselines: Mapping[str, float] | None = None) -> str:
+    """Training loss per step of several models (first seed, moving average), log scale."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (name, l) in enumerate(losses.items()):
+        l = np.asarray(l, np.float64).reshape(-1, np.shape(l)[-1])[0]
+        k = max(1, min(smooth, len(l) // 10 or 1))
+        sm = np.convolve(l, np.ones(k) / k, mode="valid")
+        ax.plot(np.arange(k, len(l) + 1), sm, label=f"{name} (final {sm[-1]:.3g})", color=f"C{i % 10}")
+    for j, (name, v) in enumerate((baselines or {}).items()):
+        ax.axhline(v, ls="--", color="grey", lw=0.8 + 0.4 * j, label=f"{name} ({v:.3g})")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("half-MSE on the query")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path).name

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -31,9 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from iclgd_synth.config import NO_HASH, hash_dict
 from iclgd_synth.losses import half_mse
 from iclgd_synth.model import ModelConfig, TransformerParams, init_params, predict
 from iclgd_synth.tasks import TASK_PRESETS, TaskConfig, sample
+from iclgd_synth.storage import CheckpointError, load_checkpoint as _load_tree, save_checkpoint as _save_tree
+from iclgd_synth.storage import stable_hash, write_bytes_atomic
 from iclgd_synth.validation import check_choice, check_float, check_int
 
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
@@ -61,11 +62,9 @@ class TrainConfig:
       warmup_steps: linear warm-up length in steps; only for "warmup_cosine", where it must be in [0, n_steps - 1]
         (0: no warm-up). Default 0.
       seeds: seeds trained together under vmap (init and data differ per seed). Default (0,).
-      chunk_steps: steps per jit-compiled scan chunk (progress and divergence checks happen between chunks).
-        Default 250.
-      checkpoint_every: steps between checkpoints (rounded up to whole chunks). Default 2500.
-      eval_batch: held-out tasks on which the studies evaluate the trained models (losses, metrics over training, OOD
-        sweeps); :func:`train` itself does not evaluate. Default 10000.
+      chunk_steps: steps per jit-compiled scan chunk (progress and divergence checks happen between chunks); does
+        not change results, so it is not part of the hash. Default 250.
+      checkpoint_every: steps between checkpoints (rounded up to whole chunks); not part of the hash. Default 2500.
     """
 
     task: TaskConfig = TASK_PRESETS["vonoswald"]
@@ -80,9 +79,8 @@ class TrainConfig:
     schedule: str = "constant"
     warmup_steps: int = 0
     seeds: tuple[int, ...] = (0,)
-    chunk_steps: int = 250
-    checkpoint_every: int = 2500
-    eval_batch: int = 10000
+    chunk_steps: int = dataclasses.field(default=250, metadata=NO_HASH)
+    checkpoint_every: int = dataclasses.field(default=2500, metadata=NO_HASH)
 
     def __post_init__(self):
         check_int("batch_size", self.batch_size, min_value=1)
@@ -109,9 +107,11 @@ class TrainConfig:
                 raise ValueError("seeds must be a non-empty sequence of integers >= 0")
         for s in self.seeds:
             check_int("seeds[i]", s, min_value=0)
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be different integers (a repeated seed trains the same model twice), got "
+                             f"{list(self.seeds)}")
         check_int("chunk_steps", self.chunk_steps, min_value=1)
         check_int("checkpoint_every", self.checkpoint_every, min_value=1)
-        check_int("eval_batch", self.eval_batch, min_value=1)
         if self.model.dim != self.task.dim or self.model.out_dim != self.task.out_dim:
             raise ValueError(f"model.dim/out_dim ({self.model.dim}, {self.model.out_dim}) must match task.dim/out_dim "
                              f"({self.task.dim}, {self.task.out_dim})")
@@ -123,17 +123,14 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Short stable hash of the config (names run directories and guards resumption)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:10]
+        """Short stable hash of the fields that change results (names run directories and guards resumption)."""
+        return stable_hash(hash_dict(self))
 
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> "TrainConfig":
-        d = dict(d)
-        task = TaskConfig(**d.pop("task"))
-        model = ModelConfig(**d.pop("model"))
-        d["seeds"] = tuple(d.get("seeds", (0,)))
-        return TrainConfig(task=task, model=model, **d)
+    def compute_key(self) -> "TrainConfig":
+        """This config with the fields that do not change the compiled step set to fixed values: the seeds (traced
+        data), the chunking and checkpointing, and n_steps when the learning rate does not depend on it."""
+        n = self.n_steps if self.schedule != "constant" else 1
+        return dataclasses.replace(self, n_steps=n, seeds=(0,), chunk_steps=1, checkpoint_every=1)
 
 
 @dataclasses.dataclass
@@ -226,11 +223,15 @@ def make_chunk(config: TrainConfig, optimizer: optax.GradientTransformation, n: 
     return chunk
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=32)
+def _chunk_for_key(key: TrainConfig, n: int) -> Callable:
+    return make_chunk(key, make_optimizer(key), n)
+
+
 def _cached_chunk(config: TrainConfig, n: int) -> Callable:
-    """The compiled chunk of ``n`` steps, shared by every :func:`train` call with an equal config (a resumed or
-    repeated run in the same process compiles nothing new)."""
-    return make_chunk(config, make_optimizer(config), n)
+    """The compiled chunk of ``n`` steps, shared by every :func:`train` call whose config computes the same steps
+    (:meth:`TrainConfig.compute_key`: other seeds, a different n_steps under a constant schedule, other chunking)."""
+    return _chunk_for_key(config.compute_key(), n)
 
 
 def init_state(config: TrainConfig):
@@ -256,7 +257,7 @@ def train(config: TrainConfig, workdir: str | os.PathLike | None = None, *, prog
     params, opt_state, data_keys = init_state(config)
     losses = np.full((len(config.seeds), config.n_steps), np.nan, np.float32)
     start, seconds, timed_from = 0, 0.0, 0
-    ckpt = Path(workdir) / "checkpoint.npz" if workdir is not None else None
+    ckpt = Path(workdir) / "checkpoint.msgpack" if workdir is not None else None
     if ckpt is not None and resume and ckpt.exists():
         params, opt_state, start, losses, saved_seconds = load_checkpoint(ckpt, config, (params, opt_state))
         if saved_seconds is None:  # a checkpoint written before the time was stored: only new steps are timed
@@ -318,39 +319,25 @@ def _progress_bar(config: TrainConfig, start: int, enabled: bool):
 
 def save_checkpoint(path: Path, config: TrainConfig, params, opt_state, step: int, losses: np.ndarray,
                     train_seconds: float = 0.0) -> None:
-    """Write parameters, optimiser state, step, losses and the cumulative training seconds of steps [0, step)
-    atomically (temporary file, then rename)."""
-    leaves = jax.tree.leaves((params, opt_state))
-    arrays = {f"leaf_{i}": np.asarray(x) for i, x in enumerate(leaves)}
-    arrays.update(step=np.asarray(step), losses=losses, config_hash=np.asarray(config.hash()),
-                  train_seconds=np.asarray(float(train_seconds)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write parameters, optimiser state, per-step losses, the step and the cumulative training seconds of steps
+    [0, step) atomically (:func:`iclgd_synth.storage.save_checkpoint`)."""
+    _save_tree(path, {"params": params, "opt_state": opt_state, "losses": np.asarray(losses)},
+               {"step": int(step), "config_hash": config.hash(), "train_seconds": float(train_seconds)})
 
 
 def load_checkpoint(path: Path, config: TrainConfig, like):
     """Read a checkpoint written by :func:`save_checkpoint` into the structure of ``like`` (params, opt_state).
 
-    Returns (params, opt_state, step, losses, train_seconds); train_seconds is None for a checkpoint written before
-    the time was stored.
+    Returns (params, opt_state, step, losses, train_seconds). A checkpoint of another config, or one that cannot be
+    read, raises :class:`~iclgd_synth.storage.CheckpointError` naming the file and what to do.
     """
-    with np.load(path) as z:
-        if str(z["config_hash"]) != config.hash():
-            raise ValueError(f"checkpoint {path} belongs to another config (hash {z['config_hash']}, expected "
-                             f"{config.hash()}); use another workdir or delete it")
-        leaves, treedef = jax.tree.flatten(like)
-        loaded = [jnp.asarray(z[f"leaf_{i}"], dtype=l.dtype) for i, l in enumerate(leaves)]
-        params, opt_state = jax.tree.unflatten(treedef, loaded)
-        seconds = float(z["train_seconds"]) if "train_seconds" in z.files else None
-        return params, opt_state, int(z["step"]), np.array(z["losses"]), seconds
+    params, opt_state = like
+    losses = np.zeros((len(config.seeds), config.n_steps), np.float32)
+    tree, meta = _load_tree(path, {"params": params, "opt_state": opt_state, "losses": losses})
+    if meta.get("config_hash") != config.hash():
+        raise CheckpointError(f"checkpoint {str(path)!r} belongs to another config (hash {meta.get('config_hash')}, "
+                              f"expected {config.hash()}); use another workdir, delete it, or run with --force")
+    return tree["params"], tree["opt_state"], int(meta["step"]), np.array(tree["losses"]), meta["train_seconds"]
 
 
 def save_params(path: str | os.PathLike, params: TransformerParams) -> None:
@@ -358,12 +345,11 @@ def save_params(path: str | os.PathLike, params: TransformerParams) -> None:
     flat = {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp): np.asarray(v)
             for kp, v in jax.tree_util.tree_flatten_with_path(params.layers)[0]}
     flat["__arch__"] = np.asarray(json.dumps(dataclasses.asdict(params.arch)))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, **flat)
-    os.replace(tmp, path)
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **flat)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def load_params(path: str | os.PathLike) -> TransformerParams:
