@@ -1,6 +1,6 @@
 """Comparison metrics between any two predictors ("Transformers learn in-context by gradient descent", section 5).
 
-A predictor is anything with the call shape ``f(batch) -> (B,)``: ``functools.partial(lsa_predict, params)``,
+A predictor is anything with the call shape ``f(batch) -> (B,)``: Transformer parameters (``params(batch)``),
 ``GD(eta, steps)``, ``Ridge(lam)``, ... Averages are over the tasks of the batch.
 
 - preds diff: mean ||f(batch) - g(batch)||_2 (L2 over output dimensions).
@@ -27,7 +27,7 @@ import numpy as np
 from iclgd_synth.attention import head_products
 from iclgd_synth.constructions import from_products
 from iclgd_synth.losses import half_mse
-from iclgd_synth.model import TransformerParams, layer_predictions, predict
+from iclgd_synth.model import TransformerParams, layer_predictions
 from iclgd_synth.shapes import Array, Predictor
 from iclgd_synth.tasks import TaskBatch, TaskConfig, input_covariance, sample, validate_batch
 
@@ -35,19 +35,12 @@ from iclgd_synth.tasks import TaskBatch, TaskConfig, input_covariance, sample, v
 def as_predictor(obj: Any) -> Predictor:
     """A jit-compiled predictor: parameters and pytree learners (GD, Ridge, ...) are traced as arguments, so one
     compilation serves every value of their weights or hyper-parameters; other callables pass through unchanged."""
-    if isinstance(obj, TransformerParams):
-        return functools.partial(_jit_predict, obj)
     if callable(obj):
         leaves = jax.tree.leaves(obj)
         if len(leaves) == 1 and leaves[0] is obj:  # not a pytree: call as is
             return obj
         return functools.partial(_jit_call, obj)
     raise TypeError(f"expected TransformerParams or a predictor callable(batch) -> (B,), got {type(obj).__name__}")
-
-
-@jax.jit
-def _jit_predict(params: TransformerParams, batch: TaskBatch) -> Array:
-    return predict(params, batch)
 
 
 @jax.jit
@@ -64,7 +57,7 @@ def loss(f: Any, batch: TaskBatch) -> float:
 def sensitivities(f: Any, batch: TaskBatch) -> Array:
     """d y_hat / d x_q per task: (B, d), or (B, d_out, d) for vector outputs."""
     batch = validate_batch(batch)
-    if isinstance(f, TransformerParams) or as_predictor(f) is not f:
+    if as_predictor(f) is not f:
         return _jit_sensitivities(f, batch)
     return _sensitivities(f, batch)
 
@@ -75,8 +68,6 @@ def _jit_sensitivities(f: Any, batch: TaskBatch) -> Array:
 
 
 def _sensitivities(f: Any, batch: TaskBatch) -> Array:
-    f = functools.partial(predict, f) if isinstance(f, TransformerParams) else f
-
     def out(xq):
         return f(batch.replace(x_query=xq))
 

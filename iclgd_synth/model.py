@@ -98,6 +98,10 @@ class TransformerParams:
         """Number of layer applications (distinct layers times loops)."""
         return len(self.layers) * self.arch.n_loops
 
+    def __call__(self, batch: TaskBatch) -> Array:
+        """The prediction for every task of ``batch``, (B,) (or (B, d_out)): the same call shape as every learner."""
+        return predict(self, batch)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
