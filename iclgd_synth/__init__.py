@@ -15,7 +15,7 @@ from iclgd_synth.constructions import from_products, gd_params, gdpp_params, spl
 from iclgd_synth.learners import (
     DMMSE, GD, SGD, Adam, GDPlusPlus, LeastSquares, MomentumGD, Ridge, Tuned, adam_predict, dmmse_predict,
     gd_predict, gd_weights, gdpp_predict, grid_search, least_squares_predict, momentum_gd_predict, ridge_predict,
-    sgd_predict, tune_gd, tune_gdpp,
+    sgd_predict, tune, tune_gd, tune_gdpp,
 )
 from iclgd_synth.losses import half_mse
 from iclgd_synth.model import (
@@ -32,5 +32,5 @@ __all__ = [
     "dmmse_predict", "forward", "from_products", "gd_params", "gd_predict", "gd_weights", "gdpp_params",
     "gdpp_predict", "grid_search", "half_mse", "init_params", "layer_predictions", "least_squares_predict",
     "lsa_predict", "momentum_gd_predict", "predict", "ridge_predict", "sample", "sample_tasks", "sgd_predict",
-    "split_heads", "task_pool", "tune_gd", "tune_gdpp",
+    "split_heads", "task_pool", "tune", "tune_gd", "tune_gdpp",
 ]

@@ -239,6 +239,35 @@ def test_tuned_two_step_gdpp_beats_gd_with_the_reference_gamma(x64, vonoswald_fl
     assert gdpp.loss < gd.loss - 0.02
 
 
+def test_tune_gd_for_many_steps_is_not_fooled_by_the_ill_conditioned_polynomial(x64):
+    # The degree-80 loss polynomial of 40 GD steps has wrong roots even in float64 (its minimiser had loss 3.7e32);
+    # the default method detects the steps count and tunes the real learner instead.
+    batch = ic.sample_tasks(jax.random.PRNGKey(0), 500, 10, 10, x_range=0.5)
+    tuned = ic.tune_gd(batch, 40)
+    loss_at = lambda eta: float(ic.half_mse(ic.GD(eta=eta, steps=40)(batch), batch.y_query))
+    assert abs(loss_at(tuned.eta) - tuned.loss) < 1e-12
+    assert tuned.loss < ic.tune_gd(batch, 20).loss < ic.tune_gd(batch, 5).loss  # more steps never hurt at the optimum
+    assert loss_at(0.95 * tuned.eta) > tuned.loss and loss_at(1.05 * tuned.eta) > tuned.loss
+    with pytest.raises(ValueError, match="method='exact' is reliable for steps <= 6"):
+        ic.tune_gd(batch, 40, method="exact")
+
+
+def test_generic_tuner_widens_a_bracket_that_is_too_narrow(x64, vonoswald_float64):
+    batch = vonoswald_float64.slice(0, 500)
+    exact = ic.tune_gd(batch, 1, method="exact")
+    widened = ic.tune(ic.GD(steps=1), batch, {"eta": (0.0, 0.5)})  # the optimum (~6) lies far above the bracket
+    assert abs(widened.params["eta"] - exact.eta) < 0.01 * exact.eta
+    fixed = ic.tune(ic.GD(steps=1), batch, {"eta": (0.0, 0.5)}, widen=False)
+    assert fixed.params["eta"] < 0.6 and fixed.loss > exact.loss + 0.05  # stays near the narrow bracket
+
+
+def test_tuning_on_non_finite_tasks_is_a_clear_error():
+    batch = ic.sample_tasks(jax.random.PRNGKey(0), 20, 10, 10)
+    bad = batch.replace(x=batch.x.at[0, 0, 0].set(jnp.nan))
+    with pytest.raises(ValueError, match="non-finite values in x"):
+        ic.tune_gd(bad, 1)
+
+
 def test_grid_search_finds_the_minimum_and_ignores_nan(x64):
     loss = lambda p, _: jnp.where(p["a"] > 2.5, jnp.nan, (p["a"] - 1.3) ** 2 + (p["b"] + 0.2) ** 2 + 0.5)
     best = ic.grid_search(loss, {"a": (0.0, 3.0), "b": (-1.0, 1.0)}, n_grid=16, rounds=5)

@@ -18,10 +18,10 @@ from iclgd_synth.learners.gdpp import GDPlusPlus, gdpp_predict
 from iclgd_synth.learners.least_squares import LeastSquares, Ridge, least_squares_predict, ridge_predict
 from iclgd_synth.learners.momentum import MomentumGD, momentum_gd_predict
 from iclgd_synth.learners.sgd import SGD, Adam, adam_predict, sgd_predict
-from iclgd_synth.learners.tuning import Tuned, grid_search, tune_gd, tune_gdpp
+from iclgd_synth.learners.tuning import Tuned, grid_search, tune, tune_gd, tune_gdpp
 
 __all__ = [
     "Adam", "DMMSE", "GD", "GDPlusPlus", "LeastSquares", "MomentumGD", "Ridge", "SGD", "Tuned", "adam_predict", "dmmse_predict",
     "gd_predict", "gd_weights", "gdpp_predict", "grid_search", "least_squares_predict", "momentum_gd_predict",
-    "ridge_predict", "sgd_predict", "tune_gd", "tune_gdpp",
+    "ridge_predict", "sgd_predict", "tune", "tune_gd", "tune_gdpp",
 ]
