@@ -3,34 +3,36 @@
 Synthetic linear-regression tasks, linear self-attention Transformers (hand-constructed to implement GD, or trained on
 the in-context objective), explicit learners on the very same tasks, and the papers' comparison metrics.
 
-Public API (a contract; see README.md):
+Public API (a contract; see README.md), one name per thing:
 
-    TaskBatch, sample_tasks            tasks (iclgd_synth.tasks)
-    gd_params, gdpp_params             hand-constructed weights (iclgd_synth.constructions)
-    lsa_predict                        the Transformer's prediction for any parameters (iclgd_synth.model)
-    gd_predict                         explicit K-step GD (iclgd_synth.learners.gd)
+    TaskConfig, TaskBatch, TASK_PRESETS, sample_tasks, task_pool    tasks (iclgd_synth.tasks)
+    build_tokens                                                     token layouts (iclgd_synth.tokens)
+    TransformerParams, Arch, ModelConfig, init_params, forward,      the Transformer (iclgd_synth.model); parameters
+    layer_predictions                                                are callable: params(batch) -> (B,)
+    gd_params, gdpp_params, from_products, split_heads               hand-constructed weights (iclgd_synth.constructions)
+    GD, GDPlusPlus, MomentumGD, SGD, Adam, LeastSquares, Ridge,      explicit learners, each one class with
+    DMMSE, Learner                                                   learner(batch) and learner.weights(batch)
+    tune, tune_gd, tune_gdpp, grid_search, Tuned                     hyper-parameter tuning (iclgd_synth.learners)
+    half_mse                                                         the loss (iclgd_synth.losses)
 """
 
 from iclgd_synth.constructions import from_products, gd_params, gdpp_params, split_heads
 from iclgd_synth.learners import (
-    DMMSE, GD, SGD, Adam, GDPlusPlus, LeastSquares, MomentumGD, Ridge, Tuned, adam_predict, dmmse_predict,
-    gd_predict, gd_weights, gdpp_predict, grid_search, least_squares_predict, momentum_gd_predict, ridge_predict,
-    sgd_predict, tune, tune_gd, tune_gdpp,
+    DMMSE, GD, SGD, Adam, GDPlusPlus, LeastSquares, Learner, MomentumGD, Ridge, Tuned, grid_search, tune, tune_gd,
+    tune_gdpp,
 )
+from iclgd_synth.learners import adam_predict, gd_predict, gd_weights, gdpp_predict, momentum_gd_predict, sgd_predict  # noqa: F401  (transitional)
 from iclgd_synth.losses import half_mse
-from iclgd_synth.model import (
-    Arch, ModelConfig, TransformerParams, forward, init_params, layer_predictions, lsa_predict, predict,
-)
-from iclgd_synth.tasks import TASK_PRESETS, TaskBatch, TaskConfig, sample, sample_tasks, task_pool
+from iclgd_synth.model import Arch, ModelConfig, TransformerParams, forward, init_params, layer_predictions
+from iclgd_synth.model import lsa_predict, predict  # noqa: F401  (transitional)
+from iclgd_synth.tasks import TASK_PRESETS, TaskBatch, TaskConfig, sample, sample_tasks, task_pool  # noqa: F401
 from iclgd_synth.tokens import build_tokens
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adam", "Arch", "DMMSE", "GD", "GDPlusPlus", "LeastSquares", "ModelConfig", "MomentumGD", "Ridge", "SGD",
-    "TASK_PRESETS", "TaskBatch", "TaskConfig", "TransformerParams", "Tuned", "adam_predict", "build_tokens",
-    "dmmse_predict", "forward", "from_products", "gd_params", "gd_predict", "gd_weights", "gdpp_params",
-    "gdpp_predict", "grid_search", "half_mse", "init_params", "layer_predictions", "least_squares_predict",
-    "lsa_predict", "momentum_gd_predict", "predict", "ridge_predict", "sample", "sample_tasks", "sgd_predict",
-    "split_heads", "task_pool", "tune", "tune_gd", "tune_gdpp",
+    "Adam", "Arch", "DMMSE", "GD", "GDPlusPlus", "LeastSquares", "Learner", "ModelConfig", "MomentumGD", "Ridge",
+    "SGD", "TASK_PRESETS", "TaskBatch", "TaskConfig", "TransformerParams", "Tuned", "build_tokens", "forward",
+    "from_products", "gd_params", "gdpp_params", "grid_search", "half_mse", "init_params", "layer_predictions",
+    "sample_tasks", "split_heads", "task_pool", "tune", "tune_gd", "tune_gdpp",
 ]

@@ -24,11 +24,10 @@ import jax
 import jax.numpy as jnp
 
 from iclgd_synth.constructions import gd_params, gdpp_params
-from iclgd_synth.learners.gd import gd_predict
-from iclgd_synth.learners.gdpp import gdpp_predict
+from iclgd_synth.learners.gd import GD
+from iclgd_synth.learners.gdpp import GDPlusPlus
 from iclgd_synth.learners.tuning import tune_gd
 from iclgd_synth.losses import half_mse
-from iclgd_synth.model import lsa_predict
 from iclgd_synth.tasks import TASK_PRESETS, TaskBatch, sample
 from iclgd_synth.validation import check_float, check_int, int_at_least
 
@@ -55,11 +54,11 @@ def _compare(batch: TaskBatch, eta, gamma, *, construction: str, steps: int) -> 
     d, n, dtype = batch.dim, batch.n_context, batch.x.dtype
     if construction == "GD":
         params = gd_params(d, eta, steps, n_context=n, dtype=dtype)
-        explicit = gd_predict(batch, eta, steps)
+        explicit = GD(eta=eta, steps=steps)(batch)
     else:
         params = gdpp_params(d, eta, gamma, steps, n_context=n, dtype=dtype)
-        explicit = gdpp_predict(batch, eta, gamma, steps)
-    hand = lsa_predict(params, batch)
+        explicit = GDPlusPlus(eta=eta, gamma=gamma, steps=steps)(batch)
+    hand = params(batch)
     return {"max_abs_diff": jnp.max(jnp.abs(hand - explicit)), "max_abs_pred": jnp.max(jnp.abs(explicit)),
             "loss": half_mse(explicit, batch.y_query), "dtype": jnp.zeros((), hand.dtype)}
 

@@ -19,6 +19,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import iclgd_synth as ic
+from iclgd_synth.model import predict
 from iclgd_synth import attention as attn
 
 # Measured on CPU (XLA, 2 cores), vonoswald tasks (d = N = 10, x ~ U(-0.5, 0.5)), 1000 tasks, K = 1..5, deep and
@@ -47,13 +48,13 @@ def _max_abs(a, b) -> float:
 def _hand_gd_and_gd(batch, eta, w0, *, dim, steps, n_context, out_dim, recurrent):
     """(hand LSA prediction, explicit GD prediction), one compiled program; eta may be per-layer (traced)."""
     params = ic.gd_params(dim, eta, steps, n_context=n_context, out_dim=out_dim, w0=w0, recurrent=recurrent)
-    return ic.lsa_predict(params, batch, w0=w0), ic.gd_predict(batch, eta, steps, w0=w0)
+    return predict(params, batch, w0=w0), ic.GD(eta=eta, steps=steps, w0=w0)(batch)
 
 
 @functools.partial(jax.jit, static_argnames=("dim", "steps", "n_context", "out_dim", "recurrent"))
 def _hand_gdpp_and_gdpp(batch, eta, gamma, *, dim, steps, n_context, out_dim, recurrent):
     params = ic.gdpp_params(dim, eta, gamma, steps, n_context=n_context, out_dim=out_dim, recurrent=recurrent)
-    return ic.lsa_predict(params, batch), ic.gdpp_predict(batch, eta, gamma, steps)
+    return params(batch), ic.GDPlusPlus(eta=eta, gamma=gamma, steps=steps)(batch)
 
 
 def _assert_equal_predictions(hand, explicit, tol=1e-10):
@@ -93,7 +94,7 @@ def test_deep_hand_weights_equal_gd_after_every_layer(x64):
     per_layer = jax.jit(ic.layer_predictions)(ic.gd_params(10, etas, 4), batch)
     chex.assert_shape(per_layer, (4, 16))
     for k in range(4):
-        _assert_equal_predictions(per_layer[k], ic.gd_predict(batch, etas[: k + 1], k + 1))
+        _assert_equal_predictions(per_layer[k], ic.GD(eta=etas[: k + 1], steps=k + 1)(batch))
 
 
 def test_weights_without_n_context_implement_gd_for_every_n(x64):
@@ -101,7 +102,7 @@ def test_weights_without_n_context_implement_gd_for_every_n(x64):
     assert params.arch.normalize
     for n in (1, 3, 9):
         batch = _uniform_batch(n, 8, n, 3)
-        _assert_equal_predictions(jax.jit(ic.lsa_predict)(params, batch), ic.gd_predict(batch, 1.5, 2))
+        _assert_equal_predictions(jax.jit(ic.lsa_predict)(params, batch), ic.GD(eta=1.5, steps=2)(batch))
 
 
 def test_weights_with_eta_over_n_in_p_implement_a_rescaled_step_for_another_n(x64):
@@ -110,8 +111,8 @@ def test_weights_with_eta_over_n_in_p_implement_a_rescaled_step_for_another_n(x6
     params = ic.gd_params(3, 1.5, 2, n_context=6)
     batch = _uniform_batch(3, 8, 4, 3)
     hand = jax.jit(ic.lsa_predict)(params, batch)
-    _assert_equal_predictions(hand, ic.gd_predict(batch, 1.5 * 4 / 6, 2))
-    assert _max_abs(hand, ic.gd_predict(batch, 1.5, 2)) > 1e-3
+    _assert_equal_predictions(hand, ic.GD(eta=1.5 * 4 / 6, steps=2)(batch))
+    assert _max_abs(hand, ic.GD(eta=1.5, steps=2)(batch)) > 1e-3
 
 
 def test_hand_weights_have_the_products_of_proposition_1(x64):
@@ -133,7 +134,7 @@ def test_split_heads_gives_the_same_output_and_head_products_sum_to_the_original
     batch = _uniform_batch(d, 5, n, d)
     heads = list(range(1, d + 2))  # 1 .. D heads
     split = [ic.split_heads(params, h) for h in heads]
-    outputs = jax.jit(lambda ps, b: [ic.lsa_predict(p, b) for p in [params] + ps])(split, batch)
+    outputs = jax.jit(lambda ps, b: [p(b) for p in [params] + ps])(split, batch)
     kq_1, pv_1 = attn.head_products(params.layers[1])
     for h, p, out in zip(heads, split, outputs[1:]):
         assert p.n_heads == h
@@ -148,19 +149,18 @@ def test_from_products_of_hand_weights_reproduces_gd(x64):
     kq, pv = zip(*(attn.head_products(layer) for layer in params.layers))
     rebuilt = ic.from_products(jnp.concatenate(kq), jnp.concatenate(pv), arch=params.arch)
     batch = _uniform_batch(4, 8, 6, 4)
-    _assert_equal_predictions(jax.jit(ic.lsa_predict)(rebuilt, batch), ic.gd_predict(batch, jnp.array([1.0, 2.0, 3.0]),
-                                                                                      3))
+    _assert_equal_predictions(jax.jit(ic.lsa_predict)(rebuilt, batch), ic.GD(eta=jnp.array([1.0, 2.0, 3.0]), steps=3)(batch))
 
 
 def test_gd_params_vmaps_over_step_sizes_and_jits_with_per_layer_step_sizes(x64):
     batch = _uniform_batch(5, 8, 6, 4)
     etas = jnp.array([0.5, 1.0, 4.0])
-    hand = jax.vmap(lambda e: ic.lsa_predict(ic.gd_params(4, e, 2, n_context=6), batch))(etas)
+    hand = jax.vmap(lambda e: predict(ic.gd_params(4, e, 2, n_context=6), batch))(etas)
     chex.assert_shape(hand, (3, 8))
     for i, e in enumerate(etas):
-        _assert_equal_predictions(hand[i], ic.gd_predict(batch, e, 2))
-    per_layer = jax.jit(lambda e: ic.lsa_predict(ic.gd_params(4, e, 3), batch))(etas)
-    _assert_equal_predictions(per_layer, ic.gd_predict(batch, etas, 3))
+        _assert_equal_predictions(hand[i], ic.GD(eta=e, steps=2)(batch))
+    per_layer = jax.jit(lambda e: (ic.gd_params(4, e, 3))(batch))(etas)
+    _assert_equal_predictions(per_layer, ic.GD(eta=etas, steps=3)(batch))
 
 
 # -------------------------------------------------------------------------------------------------------- GD++, float64
@@ -184,9 +184,9 @@ def test_gdpp_hand_weights_equal_explicit_gdpp(x64, d, n, steps, out_dim, mode, 
 def test_gdpp_with_zero_gamma_is_gd(x64):
     batch = _uniform_batch(6, 16, 10, 10)
     chex.assert_trees_all_close(ic.gdpp_params(10, 2.0, 0.0, 3, n_context=10), ic.gd_params(10, 2.0, 3, n_context=10))
-    _assert_equal_predictions(ic.gdpp_predict(batch, 2.0, 0.0, 3), ic.gd_predict(batch, 2.0, 3), tol=1e-12)
+    _assert_equal_predictions(ic.GDPlusPlus(eta=2.0, gamma=0.0, steps=3)(batch), ic.GD(eta=2.0, steps=3)(batch), tol=1e-12)
     # and gamma != 0 really transforms the inputs
-    assert _max_abs(ic.gdpp_predict(batch, 2.0, 0.1, 3), ic.gd_predict(batch, 2.0, 3)) > 1e-3
+    assert _max_abs(ic.GDPlusPlus(eta=2.0, gamma=0.1, steps=3)(batch), ic.GD(eta=2.0, steps=3)(batch)) > 1e-3
 
 
 # -------------------------------------------------------------------------------------------------------------- float32
@@ -197,11 +197,11 @@ def _float32_differences(batch, eta):
     recurrent) and GD++ (gamma = 0.1, deep), all in one compiled program."""
     diffs = []
     for steps in range(1, 6):
-        explicit = ic.gd_predict(batch, eta, steps)
+        explicit = ic.GD(eta=eta, steps=steps)(batch)
         for params in (ic.gd_params(10, eta, steps), ic.gd_params(10, eta, steps, n_context=10, recurrent=True)):
-            diffs.append(jnp.max(jnp.abs(ic.lsa_predict(params, batch) - explicit)))
-        hand_pp = ic.lsa_predict(ic.gdpp_params(10, eta, 0.1, steps, n_context=10), batch)
-        diffs.append(jnp.max(jnp.abs(hand_pp - ic.gdpp_predict(batch, eta, 0.1, steps))))
+            diffs.append(jnp.max(jnp.abs(params(batch) - explicit)))
+        hand_pp = predict(ic.gdpp_params(10, eta, 0.1, steps, n_context=10), batch)
+        diffs.append(jnp.max(jnp.abs(hand_pp - ic.GDPlusPlus(eta=eta, gamma=0.1, steps=steps)(batch))))
     return jnp.stack(diffs)
 
 
@@ -221,7 +221,7 @@ class HandWeightsVariantsTest(chex.TestCase):
         batch = _uniform_batch(7, 32, 10, 10).validated()
         params = ic.gd_params(10, 3.0, 3, n_context=10, recurrent=recurrent)
         hand = self.variant(ic.lsa_predict)(params, batch)
-        explicit = self.variant(lambda b: ic.gd_predict(b, 3.0, 3))(batch)
+        explicit = self.variant(lambda b: ic.GD(eta=3.0, steps=3)(b))(batch)
         chex.assert_shape(hand, (32,))
         chex.assert_trees_all_close(hand, explicit, atol=FLOAT32_BOUND)
 

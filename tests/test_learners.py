@@ -15,10 +15,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import iclgd_synth as ic
-from iclgd_synth.learners.dmmse import dmmse_weights
-from iclgd_synth.learners.gd import gd_weights
-from iclgd_synth.learners.least_squares import least_squares_weights, ridge_weights
-from iclgd_synth.learners.momentum import momentum_gd_weights
 from iclgd_synth.learners.tuning import gd_loss_polynomial
 from iclgd_synth.losses import per_task_half_se
 
@@ -43,16 +39,16 @@ def _gaussian_batch(seed: int, b: int, n: int, d: int, out_dim: int = 1, noise: 
 @given(d=st.integers(1, 6), extra=st.integers(0, 6), out_dim=st.integers(1, 2), seed=st.integers(0, 2**16))
 def test_least_squares_is_exact_on_noiseless_tasks_with_n_at_least_d(x64, d, extra, out_dim, seed):
     batch = _gaussian_batch(seed, 8, d + extra, d, out_dim)
-    w = jax.jit(least_squares_weights)(batch)
+    w = jax.jit(ic.LeastSquares().weights)(batch)
     true_w = batch.w if out_dim > 1 else batch.w[:, None]
     assert _max_abs(w, true_w) < 1e-8
-    pred = jax.jit(ic.least_squares_predict)(batch)
+    pred = jax.jit(ic.LeastSquares())(batch)
     assert _max_abs(pred, batch.y_query) < 1e-8
 
 
 def test_least_squares_is_the_minimum_norm_interpolant_when_n_is_below_d(x64):
     batch = _gaussian_batch(1, 16, 3, 7)
-    w = np.asarray(least_squares_weights(batch))[:, 0]
+    w = np.asarray(ic.LeastSquares().weights(batch))[:, 0]
     expected = np.einsum("bdn,bn->bd", np.linalg.pinv(np.asarray(batch.x)), np.asarray(batch.y))
     assert np.max(np.abs(w - expected)) < 1e-10
     assert np.max(np.abs(np.einsum("bnd,bd->bn", batch.x, w) - batch.y)) < 1e-10  # fits the context exactly
@@ -62,8 +58,8 @@ def test_least_squares_is_the_minimum_norm_interpolant_when_n_is_below_d(x64):
 
 def test_ridge_tends_to_least_squares_as_lam_goes_to_zero(x64):
     batch = _gaussian_batch(2, 32, 12, 5, noise=0.3)
-    ls = np.asarray(ic.least_squares_predict(batch))
-    gaps = [_max_abs(jax.jit(ic.ridge_predict)(batch, lam), ls) for lam in (1e-1, 1e-3, 1e-5, 1e-7, 1e-9)]
+    ls = np.asarray(ic.LeastSquares()(batch))
+    gaps = [_max_abs(jax.jit(lambda b, l: ic.Ridge(lam=l)(b))(batch, lam), ls) for lam in (1e-1, 1e-3, 1e-5, 1e-7, 1e-9)]
     assert all(a > b for a, b in zip(gaps, gaps[1:]))
     assert gaps[0] > 1e-3 and gaps[-1] < 1e-7
 
@@ -76,7 +72,7 @@ def test_ridge_equals_the_bayes_posterior_mean(x64, out_dim):
     x, y = np.asarray(batch.x), np.asarray(batch.labels_BxNxO())
     precision = np.einsum("bnd,bne->bde", x, x) / sigma**2 + np.eye(4) / tau**2
     posterior = np.linalg.solve(precision, np.einsum("bnd,bno->bdo", x, y) / sigma**2)  # (B, d, O)
-    w = ridge_weights(batch, sigma**2 / tau**2)
+    w = ic.Ridge(lam=sigma**2 / tau**2).weights(batch)
     chex.assert_shape(w, (16, out_dim, 4))
     assert _max_abs(w, np.swapaxes(posterior, 1, 2)) < 1e-10
 
@@ -85,10 +81,10 @@ def test_bayes_ridge_beats_mis_specified_ridge_and_least_squares():
     key = jax.random.PRNGKey(3)
     batch = ic.sample_tasks(key, 4000, 16, 8, x_dist="normal", noise=0.5)  # the task-diversity paper's setting
     loss = lambda pred: float(ic.half_mse(pred, batch.y_query))
-    bayes = loss(ic.ridge_predict(batch, 0.25))
-    assert bayes < loss(ic.ridge_predict(batch, 2.5))
-    assert bayes < loss(ic.ridge_predict(batch, 0.025))
-    assert bayes < loss(ic.least_squares_predict(batch))
+    bayes = loss(ic.Ridge(lam=0.25)(batch))
+    assert bayes < loss(ic.Ridge(lam=2.5)(batch))
+    assert bayes < loss(ic.Ridge(lam=0.025)(batch))
+    assert bayes < loss(ic.LeastSquares()(batch))
 
 
 # ---------------------------------------------------------------------------------------------------------------- dMMSE
@@ -97,16 +93,16 @@ def test_dmmse_puts_all_weight_on_the_true_task_when_noise_is_small_and_the_task
     config = ic.TaskConfig(dim=5, n_context=8, pool_size=16, noise=0.01, pool_seed=4)
     batch = jax.tree.map(np.asarray, ic.sample(key, config, 64))
     pool = ic.task_pool(config)
-    w = jax.jit(dmmse_weights)(batch, pool, 0.01)
+    w = jax.jit(lambda b, p, s: ic.DMMSE(pool=p, noise=s).weights(b))(batch, pool, 0.01)
     assert _max_abs(w[:, 0], batch.w) < 1e-10
     clean_query = np.einsum("bd,bd->b", batch.w, batch.x_query)
-    assert _max_abs(jax.jit(ic.dmmse_predict)(batch, pool, 0.01), clean_query) < 1e-10
+    assert _max_abs(jax.jit(lambda b, p, s: ic.DMMSE(pool=p, noise=s)(b))(batch, pool, 0.01), clean_query) < 1e-10
 
 
 def test_dmmse_with_huge_noise_is_the_pool_mean(x64, key):
     config = ic.TaskConfig(dim=5, n_context=8, pool_size=16, noise=0.1)
     batch, pool = ic.sample(key, config, 8), ic.task_pool(config)
-    assert _max_abs(jax.jit(dmmse_weights)(batch, pool, 1e6), np.broadcast_to(pool.mean(0), (8, 1, 5))) < 1e-8
+    assert _max_abs(jax.jit(lambda b, p, s: ic.DMMSE(pool=p, noise=s).weights(b))(batch, pool, 1e6), np.broadcast_to(pool.mean(0), (8, 1, 5))) < 1e-8
 
 
 def test_dmmse_equals_a_direct_posterior_computation(x64):
@@ -119,7 +115,7 @@ def test_dmmse_equals_a_direct_posterior_computation(x64):
     post = np.exp(log_lik - log_lik.max(1, keepdims=True))
     post /= post.sum(1, keepdims=True)
     expected = np.einsum("bm,mod->bod", post, pool)
-    assert _max_abs(dmmse_weights(batch, pool, 0.5), expected) < 1e-12
+    assert _max_abs(ic.DMMSE(pool=pool, noise=0.5).weights(batch), expected) < 1e-12
     assert 0.01 < post.max(1).min()  # a real mixture, not a one-hot posterior
 
 
@@ -129,7 +125,7 @@ def test_dmmse_equals_a_direct_posterior_computation(x64):
 def test_momentum_gd_with_zero_mu_equals_gd(x64, steps):
     batch = _gaussian_batch(6, 16, 7, 4, out_dim=2)
     w0 = np.ones((2, 4))
-    assert _max_abs(ic.momentum_gd_predict(batch, 0.3, 0.0, steps, w0=w0), ic.gd_predict(batch, 0.3, steps, w0=w0)) \
+    assert _max_abs(ic.MomentumGD(eta=0.3, mu=0.0, steps=steps, w0=w0)(batch), ic.GD(eta=0.3, steps=steps, w0=w0)(batch)) \
         < 1e-12
 
 
@@ -141,15 +137,15 @@ def test_momentum_gd_follows_the_heavy_ball_recursion(x64):
     w_prev = w = np.zeros((4, 3))
     for _ in range(3):
         w, w_prev = w - eta * grad(w) + mu * (w - w_prev), w
-    assert _max_abs(momentum_gd_weights(batch, eta, mu, 3)[:, 0], w) < 1e-12
-    assert _max_abs(momentum_gd_weights(batch, eta, mu, 1), gd_weights(batch, eta, 1)) < 1e-12  # W_-1 = W_0
-    assert _max_abs(w, gd_weights(batch, eta, 3)[:, 0]) > 1e-3  # momentum matters after the first step
+    assert _max_abs(ic.MomentumGD(eta=eta, mu=mu, steps=3).weights(batch)[:, 0], w) < 1e-12
+    assert _max_abs(ic.MomentumGD(eta=eta, mu=mu, steps=1).weights(batch), ic.GD(eta=eta, steps=1).weights(batch)) < 1e-12  # W_-1 = W_0
+    assert _max_abs(w, ic.GD(eta=eta, steps=3).weights(batch)[:, 0]) > 1e-3  # momentum matters after the first step
 
 
 @pytest.mark.parametrize("epochs", [1, 3])
 def test_sgd_with_full_batch_equals_gd_with_one_step_per_epoch(x64, epochs):
     batch = _gaussian_batch(8, 16, 6, 4, out_dim=2)
-    assert _max_abs(ic.sgd_predict(batch, 0.4, epochs=epochs, batch_size=6), ic.gd_predict(batch, 0.4, epochs)) \
+    assert _max_abs(ic.SGD(eta=0.4, epochs=epochs, batch_size=6)(batch), ic.GD(eta=0.4, steps=epochs)(batch)) \
         < 1e-12
 
 
@@ -160,14 +156,14 @@ def test_sgd_with_batch_size_one_visits_demonstrations_in_order(x64):
     for _ in range(2):
         for i in range(4):
             w = w - 0.5 * (np.einsum("bd,bd->b", w, x[:, i]) - y[:, i])[:, None] * x[:, i]
-    assert _max_abs(ic.sgd_predict(batch, 0.5, epochs=2, batch_size=1), np.einsum("bd,bd->b", w, batch.x_query)) \
+    assert _max_abs(ic.SGD(eta=0.5, epochs=2, batch_size=1)(batch), np.einsum("bd,bd->b", w, batch.x_query)) \
         < 1e-12
 
 
 @jax.jit
 def _order_sensitive_outputs(batch):
-    return {"gd": ic.gd_predict(batch, 0.5, 3), "least_squares": ic.least_squares_predict(batch),
-            "sgd": ic.sgd_predict(batch, 0.3, batch_size=1), "adam": ic.adam_predict(batch, 0.1, batch_size=2)}
+    return {"gd": ic.GD(eta=0.5, steps=3)(batch), "least_squares": ic.LeastSquares()(batch),
+            "sgd": ic.SGD(eta=0.3, batch_size=1)(batch), "adam": ic.Adam(lr=0.1, batch_size=2)(batch)}
 
 
 def test_sgd_and_adam_depend_on_demonstration_order_while_gd_does_not(x64):
@@ -197,14 +193,14 @@ def test_gd_loss_polynomial_at_eta_equals_the_loss_of_gd_predict(x64, vonoswald_
     poly = gd_loss_polynomial(vonoswald_float64, steps)
     assert poly.shape == (2 * steps + 1,)
     for eta in (0.5, 3.0, 7.0):
-        direct = float(ic.half_mse(ic.gd_predict(vonoswald_float64, eta, steps), vonoswald_float64.y_query))
+        direct = float(ic.half_mse(ic.GD(eta=eta, steps=steps)(vonoswald_float64), vonoswald_float64.y_query))
         assert abs(np.polyval(poly[::-1], eta) - direct) < 1e-10 * max(1.0, direct)
 
 
 def test_gd_loss_polynomial_handles_vector_outputs(x64):
     batch = _gaussian_batch(12, 50, 5, 3, out_dim=2)
     poly = gd_loss_polynomial(batch, 3)
-    direct = float(ic.half_mse(ic.gd_predict(batch, 0.4, 3), batch.y_query))
+    direct = float(ic.half_mse(ic.GD(eta=0.4, steps=3)(batch), batch.y_query))
     assert abs(np.polyval(poly[::-1], 0.4) - direct) < 1e-10 * max(1.0, direct)
 
 
@@ -215,7 +211,7 @@ def test_tune_gd_exact_agrees_with_grid_and_its_loss_is_the_minimum(x64, vonoswa
     assert abs(exact.eta - grid.eta) < 0.01 * exact.eta
     assert exact.loss <= grid.loss + 1e-9
     assert abs(exact.loss - grid.loss) < 1e-6
-    loss_at = lambda eta: float(ic.half_mse(ic.gd_predict(vonoswald_float64, eta, steps), vonoswald_float64.y_query))
+    loss_at = lambda eta: float(ic.half_mse(ic.GD(eta=eta, steps=steps)(vonoswald_float64), vonoswald_float64.y_query))
     assert abs(loss_at(exact.eta) - exact.loss) < 1e-12
     assert loss_at(0.95 * exact.eta) > exact.loss and loss_at(1.05 * exact.eta) > exact.loss
 
@@ -279,15 +275,15 @@ def test_grid_search_finds_the_minimum_and_ignores_nan(x64):
 # ----------------------------------------------------------------------------------------------- one call shape for all
 
 _LEARNERS = [
-    ("gd", lambda: ic.GD(eta=0.5, steps=3), lambda b: ic.gd_predict(b, 0.5, 3)),
-    ("gdpp", lambda: ic.GDPlusPlus(eta=0.5, gamma=0.05, steps=2), lambda b: ic.gdpp_predict(b, 0.5, 0.05, 2)),
-    ("momentum", lambda: ic.MomentumGD(eta=0.2, mu=0.5, steps=3), lambda b: ic.momentum_gd_predict(b, 0.2, 0.5, 3)),
-    ("sgd", lambda: ic.SGD(eta=0.1, epochs=2, batch_size=2), lambda b: ic.sgd_predict(b, 0.1, 2, 2)),
-    ("adam", lambda: ic.Adam(lr=0.1, epochs=2, batch_size=3), lambda b: ic.adam_predict(b, 0.1, 2, 3)),
-    ("least_squares", lambda: ic.LeastSquares(), ic.least_squares_predict),
-    ("ridge", lambda: ic.Ridge(lam=0.3), lambda b: ic.ridge_predict(b, 0.3)),
+    ("gd", lambda: ic.GD(eta=0.5, steps=3), lambda b: ic.GD(eta=0.5, steps=3)(b)),
+    ("gdpp", lambda: ic.GDPlusPlus(eta=0.5, gamma=0.05, steps=2), lambda b: ic.GDPlusPlus(eta=0.5, gamma=0.05, steps=2)(b)),
+    ("momentum", lambda: ic.MomentumGD(eta=0.2, mu=0.5, steps=3), lambda b: ic.MomentumGD(eta=0.2, mu=0.5, steps=3)(b)),
+    ("sgd", lambda: ic.SGD(eta=0.1, epochs=2, batch_size=2), lambda b: ic.SGD(eta=0.1, epochs=2, batch_size=2)(b)),
+    ("adam", lambda: ic.Adam(lr=0.1, epochs=2, batch_size=3), lambda b: ic.Adam(lr=0.1, epochs=2, batch_size=3)(b)),
+    ("least_squares", lambda: ic.LeastSquares(), ic.LeastSquares()),
+    ("ridge", lambda: ic.Ridge(lam=0.3), lambda b: ic.Ridge(lam=0.3)(b)),
     ("dmmse", lambda: ic.DMMSE(pool=jnp.ones((3, 4)) * jnp.arange(3.0)[:, None], noise=0.5),
-     lambda b: ic.dmmse_predict(b, jnp.ones((3, 4)) * jnp.arange(3.0)[:, None], 0.5)),
+     lambda b: ic.DMMSE(pool=jnp.ones((3, 4)) * jnp.arange(3.0)[:, None], noise=0.5)(b)),
 ]
 
 
@@ -309,7 +305,7 @@ def test_learners_vmap_over_their_hyper_parameters():
     out = jax.vmap(lambda e: ic.GD(eta=e, steps=2)(batch))(etas)
     chex.assert_shape(out, (3, 5))
     for i, e in enumerate(etas):
-        chex.assert_trees_all_close(out[i], ic.gd_predict(batch, float(e), 2), atol=1e-6)
+        chex.assert_trees_all_close(out[i], ic.GD(eta=float(e), steps=2)(batch), atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------------------- errors
@@ -321,45 +317,45 @@ def small():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_learners_reject_non_finite_hyper_parameters(small, bad):
-    for name, call in [("eta", lambda: ic.gd_predict(small, bad)), ("eta", lambda: ic.gdpp_predict(small, bad, 0.1)),
-                       ("gamma", lambda: ic.gdpp_predict(small, 1.0, bad)),
-                       ("mu", lambda: ic.momentum_gd_predict(small, 1.0, bad)),
-                       ("eta", lambda: ic.sgd_predict(small, bad)), ("lam", lambda: ic.ridge_predict(small, bad)),
-                       ("lr", lambda: ic.adam_predict(small, bad))]:
+    for name, call in [("eta", lambda: ic.GD(eta=bad)(small)), ("eta", lambda: ic.GDPlusPlus(eta=bad, gamma=0.1)(small)),
+                       ("gamma", lambda: ic.GDPlusPlus(eta=1.0, gamma=bad)(small)),
+                       ("mu", lambda: ic.MomentumGD(eta=1.0, mu=bad)(small)),
+                       ("eta", lambda: ic.SGD(eta=bad)(small)), ("lam", lambda: ic.Ridge(lam=bad)(small)),
+                       ("lr", lambda: ic.Adam(lr=bad)(small))]:
         with pytest.raises(ValueError, match=name):
             call()
 
 
 def test_learners_reject_step_schedules_of_the_wrong_length(small):
     with pytest.raises(ValueError, match=r"eta must be a scalar or have shape \(steps,\) = \(3,\)"):
-        ic.gd_predict(small, jnp.array([1.0, 2.0]), 3)
+        ic.GD(eta=jnp.array([1.0, 2.0]), steps=3)(small)
     with pytest.raises(ValueError, match="gamma must be a scalar or have shape"):
-        ic.gdpp_predict(small, 1.0, jnp.ones(3), 2)
+        ic.GDPlusPlus(eta=1.0, gamma=jnp.ones(3), steps=2)(small)
     with pytest.raises(ValueError, match="mu must be a scalar or have shape"):
-        ic.momentum_gd_predict(small, 1.0, jnp.ones(4), 2)
+        ic.MomentumGD(eta=1.0, mu=jnp.ones(4), steps=2)(small)
     with pytest.raises(ValueError, match="steps"):
-        ic.gd_predict(small, 1.0, 0)
+        ic.GD(eta=1.0, steps=0)(small)
 
 
 def test_learners_reject_mismatched_batches(small):
-    for call in (lambda b: ic.gd_predict(b, 1.0), ic.least_squares_predict, lambda b: ic.sgd_predict(b, 0.1)):
+    for call in (lambda b: ic.GD(eta=1.0)(b), ic.LeastSquares(), lambda b: ic.SGD(eta=0.1)(b)):
         with pytest.raises(ValueError, match=r"batch\.y must have shape \(B, N\) = \(4, 6\)"):
             call(small.replace(y=small.y[:, :5]))
         with pytest.raises(ValueError, match=r"batch\.x_query"):
             call(small.replace(x_query=small.x_query[:, :2]))
     with pytest.raises(TypeError, match="batch must be an iclgd_synth.TaskBatch"):
-        ic.gd_predict({"x": small.x}, 1.0)
+        ic.GD(eta=1.0)({"x": small.x})
 
 
 def test_learners_reject_bad_w0_and_other_options(small):
     with pytest.raises(ValueError, match="w0"):
-        ic.gd_predict(small, 1.0, w0=jnp.zeros(5))
-    for name, call in [("batch_size", lambda: ic.sgd_predict(small, 0.1, batch_size=4)),  # 4 does not divide N = 6
-                       ("batch_size", lambda: ic.sgd_predict(small, 0.1, batch_size=0)),
-                       ("epochs", lambda: ic.sgd_predict(small, 0.1, epochs=0)),
-                       ("lam", lambda: ic.ridge_predict(small, 0.0)), ("lam", lambda: ic.ridge_predict(small, -1.0)),
-                       ("noise", lambda: ic.dmmse_predict(small, jnp.zeros((2, 3)), 0.0)),
-                       ("pool", lambda: ic.dmmse_predict(small, jnp.zeros((2, 4)), 0.5)),
+        ic.GD(eta=1.0, w0=jnp.zeros(5))(small)
+    for name, call in [("batch_size", lambda: ic.SGD(eta=0.1, batch_size=4)(small)),  # 4 does not divide N = 6
+                       ("batch_size", lambda: ic.SGD(eta=0.1, batch_size=0)(small)),
+                       ("epochs", lambda: ic.SGD(eta=0.1, epochs=0)(small)),
+                       ("lam", lambda: ic.Ridge(lam=0.0)(small)), ("lam", lambda: ic.Ridge(lam=-1.0)(small)),
+                       ("noise", lambda: ic.DMMSE(pool=jnp.zeros((2, 3)), noise=0.0)(small)),
+                       ("pool", lambda: ic.DMMSE(pool=jnp.zeros((2, 4)), noise=0.5)(small)),
                        ("method", lambda: ic.tune_gd(small, 1, method="newton")),
                        ("bounds", lambda: ic.grid_search(lambda p, _: p["a"], {"a": (1.0, 0.0)}))]:
         with pytest.raises(ValueError, match=name):
@@ -368,12 +364,11 @@ def test_learners_reject_bad_w0_and_other_options(small):
 
 def test_learners_reject_strings_and_booleans_as_hyper_parameters(small):
     # np.asarray("1", float) is 1.0 and True is 1: without an explicit check these would silently run.
-    for name, call in [("eta", lambda: ic.gd_predict(small, "1")), ("eta", lambda: ic.gd_predict(small, True)),
-                       ("gamma", lambda: ic.gdpp_predict(small, 1.0, "0.1")),
-                       ("mu", lambda: ic.momentum_gd_predict(small, 1.0, False)),
-                       ("eta", lambda: ic.sgd_predict(small, "0.1")), ("lam", lambda: ic.ridge_predict(small, True)),
-                       ("lr", lambda: ic.adam_predict(small, "0.1")), ("noise", lambda: ic.dmmse_predict(
-                           small, jnp.zeros((2, 3)), "0.5"))]:
+    for name, call in [("eta", lambda: ic.GD(eta="1")(small)), ("eta", lambda: ic.GD(eta=True)(small)),
+                       ("gamma", lambda: ic.GDPlusPlus(eta=1.0, gamma="0.1")(small)),
+                       ("mu", lambda: ic.MomentumGD(eta=1.0, mu=False)(small)),
+                       ("eta", lambda: ic.SGD(eta="0.1")(small)), ("lam", lambda: ic.Ridge(lam=True)(small)),
+                       ("lr", lambda: ic.Adam(lr="0.1")(small)), ("noise", lambda: ic.DMMSE(pool=jnp.zeros((2, 3)), noise="0.5")(small))]:
         with pytest.raises(TypeError, match=f"{name} must be a real number"):
             call()
 
@@ -420,17 +415,17 @@ def test_half_mse_rejects_mismatched_shapes_instead_of_broadcasting(pred_shape, 
 
 _POOL = np.arange(12.0).reshape(3, 4) / 12.0
 _RECOMPILE_CASES = [  # (id, call(batch, s)): s only changes the values of real hyper-parameters
-    ("gd", lambda b, s: ic.gd_predict(b, 0.5 * s, 5)),
-    ("gd_weights_w0", lambda b, s: ic.gd_weights(b, 0.5 * s, 3, w0=np.ones(4))),
+    ("gd", lambda b, s: ic.GD(eta=0.5 * s, steps=5)(b)),
+    ("gd_weights_w0", lambda b, s: ic.GD(eta=0.5 * s, steps=3, w0=np.ones(4)).weights(b)),
     ("gd_object", lambda b, s: ic.GD(eta=0.5 * s, steps=4)(b)),
-    ("gd_per_step_etas", lambda b, s: ic.gd_predict(b, np.array([0.5, 0.4, 0.3]) * s, 3)),
-    ("gdpp", lambda b, s: ic.gdpp_predict(b, 0.5 * s, 0.05 * s, 3)),
-    ("momentum", lambda b, s: ic.momentum_gd_predict(b, 0.2 * s, 0.5 * s, 3)),
-    ("sgd", lambda b, s: ic.sgd_predict(b, 0.1 * s, 2, 2)),
-    ("adam", lambda b, s: ic.adam_predict(b, 0.1 * s, 2, 3, b1=0.8 * s)),
-    ("least_squares", lambda b, s: ic.least_squares_predict(b)),
-    ("ridge", lambda b, s: ic.ridge_predict(b, 0.3 * s)),
-    ("dmmse", lambda b, s: ic.dmmse_predict(b, _POOL, 0.5 * s)),
+    ("gd_per_step_etas", lambda b, s: ic.GD(eta=np.array([0.5, 0.4, 0.3]) * s, steps=3)(b)),
+    ("gdpp", lambda b, s: ic.GDPlusPlus(eta=0.5 * s, gamma=0.05 * s, steps=3)(b)),
+    ("momentum", lambda b, s: ic.MomentumGD(eta=0.2 * s, mu=0.5 * s, steps=3)(b)),
+    ("sgd", lambda b, s: ic.SGD(eta=0.1 * s, epochs=2, batch_size=2)(b)),
+    ("adam", lambda b, s: ic.Adam(lr=0.1 * s, epochs=2, batch_size=3, b1=0.8 * s)(b)),
+    ("least_squares", lambda b, s: ic.LeastSquares()(b)),
+    ("ridge", lambda b, s: ic.Ridge(lam=0.3 * s)(b)),
+    ("dmmse", lambda b, s: ic.DMMSE(pool=_POOL, noise=0.5 * s)(b)),
 ]
 
 

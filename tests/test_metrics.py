@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iclgd_synth import GD, TaskConfig, gd_params, gd_weights, lsa_predict, sample_tasks
+from iclgd_synth import GD, TaskConfig, gd_params, sample_tasks
+from iclgd_synth.model import predict
 from iclgd_synth import metrics as M
 
 
@@ -26,7 +27,7 @@ def test_hand_weights_vs_gd_give_cos_one_and_zero_diffs(batch):
 
 def test_sensitivities_of_gd_are_its_implicit_weights(batch):
     s = M.sensitivities(GD(eta=1.3, steps=3), batch)
-    np.testing.assert_allclose(s, gd_weights(batch, 1.3, 3)[:, 0], atol=1e-12)
+    np.testing.assert_allclose(s, GD(eta=1.3, steps=3).weights(batch)[:, 0], atol=1e-12)
 
 
 def test_model_cos_of_a_predictor_and_its_negation_is_minus_one(batch):
@@ -40,7 +41,7 @@ def test_vector_output_sensitivities_have_one_row_per_output(x64):
     b = sample_tasks(jax.random.PRNGKey(1), 32, 8, 5, out_dim=3, dtype=jnp.float64)
     s = M.sensitivities(GD(eta=0.7, steps=2), b)
     assert s.shape == (32, 3, 5)
-    np.testing.assert_allclose(s, gd_weights(b, 0.7, 2), atol=1e-12)
+    np.testing.assert_allclose(s, GD(eta=0.7, steps=2).weights(b), atol=1e-12)
 
 
 def test_alignment_of_rescaled_construction_is_one_and_beta_recovers_the_scale(batch):
@@ -57,10 +58,10 @@ def test_alignment_of_rescaled_construction_is_one_and_beta_recovers_the_scale(b
 def test_interpolation_endpoints_are_the_two_models(batch):
     hand = gd_params(6, 2.0, n_context=9)
     other = gd_params(6, 1.0, n_context=9)
-    np.testing.assert_allclose(lsa_predict(M.interpolate(other, hand, 6, alpha=1.0), batch),
-                               lsa_predict(hand, batch), atol=1e-12)
-    np.testing.assert_allclose(lsa_predict(M.interpolate(other, hand, 6, alpha=0.0), batch),
-                               lsa_predict(other, batch), atol=1e-12)
+    np.testing.assert_allclose(predict(M.interpolate(other, hand, 6, alpha=1.0), batch),
+                               hand(batch), atol=1e-12)
+    np.testing.assert_allclose(predict(M.interpolate(other, hand, 6, alpha=0.0), batch),
+                               other(batch), atol=1e-12)
 
 
 def test_per_layer_losses_of_hand_weights_are_the_gd_step_losses(batch):

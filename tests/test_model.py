@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import iclgd_synth as ic
 from iclgd_synth import attention as attn
-from iclgd_synth.model import forward, layer_norm
+from iclgd_synth.model import forward, layer_norm, predict
 from iclgd_synth.tokens import build_tokens, n_context_tokens, read_out
 
 # Jitting the whole prediction compiles one program per shape (~0.1 s) instead of one per eager op (~0.5 s in all).
@@ -75,7 +75,7 @@ def _random_params(seed: int, config: ic.ModelConfig, n_keys: int, gain: float =
 def _both_forms(params, batch, n_ctx, layout):
     """Read-out and full tokens in the dual and the quadratic form: one compiled program per example."""
     tokens = build_tokens(batch, layout)
-    return (ic.lsa_predict(params, batch, form="dual"), ic.lsa_predict(params, batch, form="quadratic"),
+    return (predict(params, batch, form="dual"), predict(params, batch, form="quadratic"),
             forward(params, tokens, n_ctx, form="dual"), forward(params, tokens, n_ctx, form="quadratic"))
 
 
@@ -326,18 +326,18 @@ def small():
 def test_lsa_predict_rejects_labels_of_the_wrong_length(small):
     batch, params = small
     with pytest.raises(ValueError, match=r"batch\.y must have shape"):
-        ic.lsa_predict(params, batch.replace(y=batch.y[:, :4]))
+        predict(params, batch.replace(y=batch.y[:, :4]))
     with pytest.raises(ValueError, match=r"batch\.x_query"):
-        ic.lsa_predict(params, batch.replace(x_query=batch.x_query[:, :2]))
+        predict(params, batch.replace(x_query=batch.x_query[:, :2]))
     with pytest.raises(ValueError, match=r"batch\.y_query"):
-        ic.lsa_predict(params, batch.replace(y_query=batch.y_query[:3]))
+        predict(params, batch.replace(y_query=batch.y_query[:3]))
 
 
 def test_lsa_predict_rejects_params_whose_token_size_does_not_match_the_batch(small):
     batch, _ = small
     for params in (ic.gd_params(4, 1.0), ic.gd_params(3, 1.0, out_dim=2)):
         with pytest.raises(ValueError, match="params expect tokens of size D"):
-            ic.lsa_predict(params, batch)
+            params(batch)
         with pytest.raises(ValueError, match="params expect tokens of size D"):
             ic.layer_predictions(params, batch)
 
@@ -345,25 +345,25 @@ def test_lsa_predict_rejects_params_whose_token_size_does_not_match_the_batch(sm
 def test_lsa_predict_rejects_malformed_params(small):
     batch, params = small
     with pytest.raises(TypeError, match="params must be"):
-        ic.lsa_predict({"layers": params.layers}, batch)
+        predict({"layers": params.layers}, batch)
     with pytest.raises(ValueError, match="params.layers"):
-        ic.lsa_predict(params.replace(layers=()), batch)
+        predict(params.replace(layers=()), batch)
     bad = {**params.layers[0], "w_k": params.layers[0]["w_k"][:, :, :3]}
     with pytest.raises(ValueError, match="w_k"):
-        ic.lsa_predict(params.replace(layers=(bad,)), batch)
+        predict(params.replace(layers=(bad,)), batch)
     with pytest.raises(ValueError, match="lacks.*w_v"):
-        ic.lsa_predict(params.replace(layers=({k: v for k, v in params.layers[0].items() if k != "w_v"},)), batch)
+        predict(params.replace(layers=({k: v for k, v in params.layers[0].items() if k != "w_v"},)), batch)
 
 
 def test_lsa_predict_rejects_unknown_form_and_bad_w0(small):
     batch, params = small
     with pytest.raises(ValueError, match="form"):
-        ic.lsa_predict(params, batch, form="fast")
+        predict(params, batch, form="fast")
     with pytest.raises(ValueError, match="w0"):
-        ic.lsa_predict(params, batch, w0=jnp.zeros(4))
+        predict(params, batch, w0=jnp.zeros(4))
     interleaved = params.replace(arch=ic.Arch(layout="interleaved"))
     with pytest.raises(ValueError, match="w0"):
-        ic.lsa_predict(interleaved, batch, w0=jnp.zeros(3))
+        predict(interleaved, batch, w0=jnp.zeros(3))
 
 
 @pytest.mark.parametrize("name,value", [
@@ -446,7 +446,7 @@ def test_read_out_is_minus_the_y_part_of_the_last_token():
 def test_repeated_eager_lsa_predict_compiles_nothing_new(options, compiles_of):
     # The recurrent path used to build a fresh fori_loop closure per call, so every eager call recompiled it.
     def run(params, batch):  # the prediction, and the forward pass on given tokens
-        return ic.lsa_predict(params, batch), ic.forward(params, build_tokens(batch), 7)
+        return params(batch), ic.forward(params, build_tokens(batch), 7)
 
     params, batch = ic.gd_params(4, 0.3, 4, **options), _np_batch(3, 9, 7, 4).validated()
     first, _ = run(params, batch)
@@ -455,7 +455,7 @@ def test_repeated_eager_lsa_predict_compiles_nothing_new(options, compiles_of):
     (second, _), compiled = compiles_of(lambda: run(new_params, new_batch))
     assert compiled == []
     chex.assert_shape([first, second], (9,))
-    chex.assert_trees_all_close(first, ic.gd_predict(batch, 0.3, 4), atol=1e-5, rtol=1e-5)  # still 4 GD steps
+    chex.assert_trees_all_close(first, ic.GD(eta=0.3, steps=4)(batch), atol=1e-5, rtol=1e-5)  # still 4 GD steps
 
 
 @given(d=st.integers(1, 5), n=st.integers(1, 7), heads=st.integers(1, 3), causal=st.booleans(),

@@ -189,7 +189,7 @@ def test_task_batch_from_numpy_arrays_works_in_lsa_predict_and_gd_predict(key, n
     np_batch = ic.TaskBatch(*(np.asarray(a).astype(np_dtype) for a in (batch.x, batch.y, batch.x_query,
                                                                            batch.y_query)))
     params = ic.gd_params(SMALL[2], 1.5, 2)
-    for fn in (lambda b: ic.lsa_predict(params, b), lambda b: ic.gd_predict(b, 1.5, 2)):
+    for fn in (lambda b: params(b), lambda b: ic.GD(eta=1.5, steps=2)(b)):
         out = fn(np_batch)
         chex.assert_shape(out, (SMALL[0],))
         chex.assert_type(out, jnp.float32)  # x64 is off: float64 NumPy input is computed in float32
@@ -199,8 +199,8 @@ def test_task_batch_from_numpy_arrays_works_in_lsa_predict_and_gd_predict(key, n
 def test_float64_numpy_batch_is_computed_in_float64_under_x64(x64, key):
     batch = ic.sample_tasks(key, *SMALL)
     np_batch = ic.TaskBatch(*(np.asarray(a) for a in (batch.x, batch.y, batch.x_query, batch.y_query)))
-    out_lsa = ic.lsa_predict(ic.gd_params(SMALL[2], 1.5, 2), np_batch)
-    out_gd = ic.gd_predict(np_batch, 1.5, 2)
+    out_lsa = (ic.gd_params(SMALL[2], 1.5, 2))(np_batch)
+    out_gd = ic.GD(eta=1.5, steps=2)(np_batch)
     chex.assert_type([out_lsa, out_gd], jnp.float64)
     assert np.max(np.abs(np.asarray(out_lsa) - np.asarray(out_gd))) < 1e-12
 

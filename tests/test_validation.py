@@ -168,8 +168,8 @@ def test_task_batch_of_nested_python_lists_validates_and_predicts():
     chex.assert_type(jax.tree.leaves(out), jnp.float32)
     assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(out))
     arrays = ic.TaskBatch(*(np.asarray(a, np.float32) for a in (lists.x, lists.y, lists.x_query, lists.y_query)))
-    chex.assert_trees_all_close(ic.gd_predict(lists, 0.5, 2), ic.gd_predict(arrays, 0.5, 2))
-    chex.assert_trees_all_close(ic.lsa_predict(ic.gd_params(2, 0.5), lists), ic.gd_predict(arrays, 0.5))
+    chex.assert_trees_all_close(ic.GD(eta=0.5, steps=2)(lists), ic.GD(eta=0.5, steps=2)(arrays))
+    chex.assert_trees_all_close((ic.gd_params(2, 0.5))(lists), ic.GD(eta=0.5)(arrays))
 
 
 def test_task_batch_create_validates_at_construction():

@@ -12,16 +12,17 @@ learner can be vmapped over step sizes, and a functional form ``*_predict(batch,
 - :mod:`~iclgd_synth.learners.tuning`: step-size tuning (closed form for GD, grid refinement for anything).
 """
 
-from iclgd_synth.learners.dmmse import DMMSE, dmmse_predict
+from iclgd_synth.learners._common import Learner
+from iclgd_synth.learners.dmmse import DMMSE
 from iclgd_synth.learners.gd import GD, gd_predict, gd_weights
 from iclgd_synth.learners.gdpp import GDPlusPlus, gdpp_predict
-from iclgd_synth.learners.least_squares import LeastSquares, Ridge, least_squares_predict, ridge_predict
+from iclgd_synth.learners.least_squares import LeastSquares, Ridge
 from iclgd_synth.learners.momentum import MomentumGD, momentum_gd_predict
 from iclgd_synth.learners.sgd import SGD, Adam, adam_predict, sgd_predict
 from iclgd_synth.learners.tuning import Tuned, grid_search, tune, tune_gd, tune_gdpp
 
 __all__ = [
-    "Adam", "DMMSE", "GD", "GDPlusPlus", "LeastSquares", "MomentumGD", "Ridge", "SGD", "Tuned", "adam_predict", "dmmse_predict",
-    "gd_predict", "gd_weights", "gdpp_predict", "grid_search", "least_squares_predict", "momentum_gd_predict",
-    "ridge_predict", "sgd_predict", "tune", "tune_gd", "tune_gdpp",
+    "Adam", "DMMSE", "GD", "GDPlusPlus", "LeastSquares", "Learner", "MomentumGD", "Ridge", "SGD", "Tuned",
+    "adam_predict", "gd_predict", "gd_weights", "gdpp_predict", "grid_search", "momentum_gd_predict", "sgd_predict",
+    "tune", "tune_gd", "tune_gdpp",
 ]

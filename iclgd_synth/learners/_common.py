@@ -1,15 +1,18 @@
-"""Shared pieces of the explicit learners: batch preparation, step-size schedules, linear read-out.
+"""Shared pieces of the explicit learners: the :class:`Learner` base, batch preparation, schedules, read-out.
 
-Every public ``*_predict`` / ``*_weights`` function checks its arguments here, in Python (shapes, ranges, finite
-concrete values), then calls a module-level ``jax.jit`` core whose integer options (steps, epochs, ...) are static:
-an eager call compiles once per configuration and shapes and reuses the executable, and under an outer jit / vmap
-the core is simply inlined (hyper-parameters may then be tracers, whose values the checks skip).
+Every learner is one class (a ``flax.struct`` dataclass: real hyper-parameters are pytree leaves, integer options
+such as ``steps`` are static). Its ``checked(batch)`` validates the hyper-parameters in Python (shapes, ranges, finite
+concrete values); its ``solve(batch)`` computes the weights W (B, d_out, d) as pure JAX; ``learner.weights(batch)``
+and ``learner(batch)`` run that core under one module-level ``jax.jit`` with the learner as a traced argument, so an
+eager call compiles once per static configuration and shapes and one compilation serves every step size; under an
+outer jit / vmap the core is inlined (hyper-parameters may then be tracers, whose values the checks skip).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -76,6 +79,52 @@ def start_weights(batch: TaskBatch, w0_BxOxd: Array | None) -> Array:
 def linear_readout(w_BxOxd: Array, x_query_Bxd: Array, vector_output: bool) -> Array:
     pred = jnp.einsum("bod,bd->bo", w_BxOxd, x_query_Bxd)
     return pred if vector_output else pred[:, 0]
+
+
+class Learner:
+    """Base of the explicit learners: ``learner(batch) -> (B,)`` predictions and ``learner.weights(batch)``.
+
+    Subclasses are ``flax.struct`` dataclasses that define :meth:`solve` (and :meth:`checked` when they have
+    hyper-parameters to validate); learners with an initial model have a ``w0`` field (None: zero).
+    """
+
+    def checked(self, batch: TaskBatch) -> "Learner":
+        """This learner with its hyper-parameters validated against ``batch`` (lists become arrays)."""
+        return self
+
+    def solve(self, batch: TaskBatch) -> Array:
+        """The learned weights, (B, d_out, d) (pure JAX, traced)."""
+        raise NotImplementedError
+
+    def readout(self, batch: TaskBatch) -> Array:
+        """The prediction for the query, (B,) (or (B, d_out) for vector outputs); W x_q by default."""
+        return linear_readout(self.solve(batch), batch.x_query, batch.vector_output)
+
+    def _prepare(self, batch: TaskBatch) -> tuple["Learner", TaskBatch]:
+        w0 = getattr(self, "w0", None)
+        batch, w0 = learner_inputs(batch, w0)
+        learner = self.checked(batch)
+        if hasattr(learner, "w0"):
+            learner = learner.replace(w0=w0)
+        return learner, batch
+
+    def weights(self, batch: TaskBatch) -> Array:
+        learner, batch = self._prepare(batch)
+        return _jit_solve(learner, batch)
+
+    def __call__(self, batch: TaskBatch) -> Array:
+        learner, batch = self._prepare(batch)
+        return _jit_readout(learner, batch)
+
+
+@jax.jit
+def _jit_solve(learner: Learner, batch: TaskBatch) -> Array:
+    return learner.solve(batch)
+
+
+@jax.jit
+def _jit_readout(learner: Learner, batch: TaskBatch) -> Array:
+    return learner.readout(batch)
 
 
 def check_positive(name: str, value: Any) -> Any:

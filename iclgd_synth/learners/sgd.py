@@ -8,22 +8,19 @@ minibatches of ``batch_size``, for ``epochs`` passes; each minibatch step uses t
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from iclgd_synth.learners._common import (
-    check_hyper, check_positive, learner_inputs, linear_readout, start_weights,
-)
+from iclgd_synth.learners._common import Learner, check_hyper, check_positive, start_weights
 from iclgd_synth.shapes import Array
 from iclgd_synth.tasks import TaskBatch
 from iclgd_synth.validation import check_float, check_int
 
 
-def _check_minibatches(batch: TaskBatch, batch_size: int, epochs: int) -> tuple[int, int]:
+def _check_minibatches(batch: TaskBatch, batch_size: Any, epochs: Any) -> tuple[int, int]:
     n = batch.n_context
     batch_size = check_int("batch_size", batch_size, min_value=1, max_value=n)
     epochs = check_int("epochs", epochs, min_value=1)
@@ -45,103 +42,97 @@ def _grad(w_BxOxd, x_Bxbxd, y_BxbxO):
     return jnp.einsum("bno,bnd->bod", resid, x_Bxbxd) / x_Bxbxd.shape[1]
 
 
-def sgd_weights(batch: TaskBatch, eta: Any, epochs: int = 1, batch_size: int = 1, w0: Array | None = None) -> Array:
-    """SGD iterate after ``epochs`` ordered passes, (B, d_out, d)."""
-    eta = check_hyper("eta", eta)
-    batch, w0 = learner_inputs(batch, w0)
-    batch_size, epochs = _check_minibatches(batch, batch_size, epochs)
-    return _sgd_weights(batch, eta, w0, epochs=epochs, batch_size=batch_size)
-
-
-def sgd_predict(batch: TaskBatch, eta: Any, epochs: int = 1, batch_size: int = 1, w0: Array | None = None) -> Array:
-    eta = check_hyper("eta", eta)
-    batch, w0 = learner_inputs(batch, w0)
-    batch_size, epochs = _check_minibatches(batch, batch_size, epochs)
-    return _sgd_predict(batch, eta, w0, epochs=epochs, batch_size=batch_size)
-
-
-@functools.partial(jax.jit, static_argnames=("epochs", "batch_size"))
-def _sgd_weights(batch: TaskBatch, eta: Any, w0_BxOxd: Array | None, *, epochs: int, batch_size: int) -> Array:
-    def step(w, xy):
-        return w - eta * _grad(w, *xy), None
-
-    w, _ = jax.lax.scan(step, start_weights(batch, w0_BxOxd), _minibatches(batch, batch_size, epochs))
-    return w
-
-
-@functools.partial(jax.jit, static_argnames=("epochs", "batch_size"))
-def _sgd_predict(batch: TaskBatch, eta: Any, w0_BxOxd: Array | None, *, epochs: int, batch_size: int) -> Array:
-    w = _sgd_weights(batch, eta, w0_BxOxd, epochs=epochs, batch_size=batch_size)
-    return linear_readout(w, batch.x_query, batch.vector_output)
-
-
-def _check_adam(lr: Any, b1: Any, b2: Any, eps: Any) -> dict[str, Any]:
-    return {"lr": check_positive("lr", lr), "b1": check_float("b1", b1, min_value=0.0, max_value=1.0),
-            "b2": check_float("b2", b2, min_value=0.0, max_value=1.0), "eps": check_positive("eps", eps)}
-
-
-def adam_weights(batch: TaskBatch, lr: Any, epochs: int = 1, batch_size: int = 1, b1: float = 0.9,
-                 b2: float = 0.999, eps: float = 1e-8, w0: Array | None = None) -> Array:
-    """Adam (bias-corrected) over ordered minibatches of the demonstrations, per task, (B, d_out, d)."""
-    hp = _check_adam(lr, b1, b2, eps)
-    batch, w0 = learner_inputs(batch, w0)
-    batch_size, epochs = _check_minibatches(batch, batch_size, epochs)
-    return _adam_weights(batch, hp, w0, epochs=epochs, batch_size=batch_size)
-
-
-def adam_predict(batch: TaskBatch, lr: Any, epochs: int = 1, batch_size: int = 1, b1: float = 0.9,
-                 b2: float = 0.999, eps: float = 1e-8, w0: Array | None = None) -> Array:
-    hp = _check_adam(lr, b1, b2, eps)
-    batch, w0 = learner_inputs(batch, w0)
-    batch_size, epochs = _check_minibatches(batch, batch_size, epochs)
-    return _adam_predict(batch, hp, w0, epochs=epochs, batch_size=batch_size)
-
-
-@functools.partial(jax.jit, static_argnames=("epochs", "batch_size"))
-def _adam_weights(batch: TaskBatch, hp: dict, w0_BxOxd: Array | None, *, epochs: int, batch_size: int) -> Array:
-    lr, b1, b2, eps = hp["lr"], hp["b1"], hp["b2"], hp["eps"]
-    xs, ys = _minibatches(batch, batch_size, epochs)
-
-    def step(carry, inp):
-        w, m, v = carry
-        t, x, y = inp
-        g = _grad(w, x, y)
-        m = b1 * m + (1 - b1) * g
-        v = b2 * v + (1 - b2) * g**2
-        m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
-        return (w - lr * m_hat / (jnp.sqrt(v_hat) + eps), m, v), None
-
-    w = start_weights(batch, w0_BxOxd)
-    ts = jnp.arange(1, xs.shape[0] + 1, dtype=batch.x.dtype)
-    (w, _, _), _ = jax.lax.scan(step, (w, jnp.zeros_like(w), jnp.zeros_like(w)), (ts, xs, ys))
-    return w
-
-
-@functools.partial(jax.jit, static_argnames=("epochs", "batch_size"))
-def _adam_predict(batch: TaskBatch, hp: dict, w0_BxOxd: Array | None, *, epochs: int, batch_size: int) -> Array:
-    w = _adam_weights(batch, hp, w0_BxOxd, epochs=epochs, batch_size=batch_size)
-    return linear_readout(w, batch.x_query, batch.vector_output)
-
-
 @flax.struct.dataclass
-class SGD:
-    """SGD in the batch's demonstration order as a predictor."""
+class SGD(Learner):
+    """SGD over the demonstrations in the batch's order: ``SGD(eta, epochs, batch_size)(batch)``.
+
+    Attributes:
+      eta: step size. Default 1.
+      epochs: passes over the demonstrations (static). Default 1.
+      batch_size: demonstrations per step, a divisor of N (static). Default 1.
+      w0: initial weights; None is zero. Default None.
+    """
 
     eta: Any = 1.0
     epochs: int = flax.struct.field(pytree_node=False, default=1)
     batch_size: int = flax.struct.field(pytree_node=False, default=1)
+    w0: Any = None
 
-    def __call__(self, batch: TaskBatch) -> Array:
-        return sgd_predict(batch, self.eta, self.epochs, self.batch_size)
+    def checked(self, batch: TaskBatch) -> "SGD":
+        _check_minibatches(batch, self.batch_size, self.epochs)
+        return self.replace(eta=check_hyper("eta", self.eta))
+
+    def solve(self, batch: TaskBatch) -> Array:
+        def step(w, xy):
+            return w - self.eta * _grad(w, *xy), None
+
+        w, _ = jax.lax.scan(step, start_weights(batch, self.w0), _minibatches(batch, self.batch_size, self.epochs))
+        return w
 
 
 @flax.struct.dataclass
-class Adam:
-    """Adam on the in-context loss, in the batch's demonstration order, as a predictor."""
+class Adam(Learner):
+    """Adam (bias-corrected) on the in-context loss over ordered minibatches: ``Adam(lr, epochs, batch_size)(batch)``.
+
+    Attributes:
+      lr: learning rate > 0. Default 0.1.
+      epochs, batch_size: as for :class:`SGD` (static). Default 1, 1.
+      b1, b2: moment decay rates in [0, 1]. Default 0.9, 0.999.
+      eps: denominator offset > 0. Default 1e-8.
+      w0: initial weights; None is zero. Default None.
+    """
 
     lr: Any = 0.1
     epochs: int = flax.struct.field(pytree_node=False, default=1)
     batch_size: int = flax.struct.field(pytree_node=False, default=1)
+    b1: Any = 0.9
+    b2: Any = 0.999
+    eps: Any = 1e-8
+    w0: Any = None
 
-    def __call__(self, batch: TaskBatch) -> Array:
-        return adam_predict(batch, self.lr, self.epochs, self.batch_size)
+    def checked(self, batch: TaskBatch) -> "Adam":
+        _check_minibatches(batch, self.batch_size, self.epochs)
+        return self.replace(lr=check_positive("lr", self.lr), b1=check_float("b1", self.b1, min_value=0.0,
+                                                                               max_value=1.0),
+                            b2=check_float("b2", self.b2, min_value=0.0, max_value=1.0),
+                            eps=check_positive("eps", self.eps))
+
+    def solve(self, batch: TaskBatch) -> Array:
+        lr, b1, b2, eps = self.lr, self.b1, self.b2, self.eps
+        xs, ys = _minibatches(batch, self.batch_size, self.epochs)
+
+        def step(carry, inp):
+            w, m, v = carry
+            t, x, y = inp
+            g = _grad(w, x, y)
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g**2
+            m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
+            return (w - lr * m_hat / (jnp.sqrt(v_hat) + eps), m, v), None
+
+        w = start_weights(batch, self.w0)
+        ts = jnp.arange(1, xs.shape[0] + 1, dtype=batch.x.dtype)
+        (w, _, _), _ = jax.lax.scan(step, (w, jnp.zeros_like(w), jnp.zeros_like(w)), (ts, xs, ys))
+        return w
+
+
+def sgd_weights(batch: TaskBatch, eta: Any, epochs: int = 1, batch_size: int = 1, w0: Array | None = None) -> Array:
+    """Transitional: ``SGD(eta, epochs, batch_size, w0).weights(batch)``."""
+    return SGD(eta=eta, epochs=epochs, batch_size=batch_size, w0=w0).weights(batch)
+
+
+def sgd_predict(batch: TaskBatch, eta: Any, epochs: int = 1, batch_size: int = 1, w0: Array | None = None) -> Array:
+    """Transitional: ``SGD(eta, epochs, batch_size, w0)(batch)``."""
+    return SGD(eta=eta, epochs=epochs, batch_size=batch_size, w0=w0)(batch)
+
+
+def adam_weights(batch: TaskBatch, lr: Any, epochs: int = 1, batch_size: int = 1, b1: float = 0.9,
+                 b2: float = 0.999, eps: float = 1e-8, w0: Array | None = None) -> Array:
+    """Transitional: ``Adam(...).weights(batch)``."""
+    return Adam(lr=lr, epochs=epochs, batch_size=batch_size, b1=b1, b2=b2, eps=eps, w0=w0).weights(batch)
+
+
+def adam_predict(batch: TaskBatch, lr: Any, epochs: int = 1, batch_size: int = 1, b1: float = 0.9,
+                 b2: float = 0.999, eps: float = 1e-8, w0: Array | None = None) -> Array:
+    """Transitional: ``Adam(...)(batch)``."""
+    return Adam(lr=lr, epochs=epochs, batch_size=batch_size, b1=b1, b2=b2, eps=eps, w0=w0)(batch)
