@@ -29,7 +29,8 @@ from iclgd_synth.constructions import from_products
 from iclgd_synth.losses import half_mse
 from iclgd_synth.model import TransformerParams, layer_predictions
 from iclgd_synth.shapes import Array, Predictor
-from iclgd_synth.tasks import TaskBatch, TaskConfig, input_covariance, sample, validate_batch
+from iclgd_synth.similarity import cosine, cosine_rows, mean_defined
+from iclgd_synth.tasks import TaskBatch, TaskConfig, input_second_moment, sample, validate_batch  # noqa: F401
 
 
 def as_predictor(obj: Any) -> Predictor:
@@ -84,9 +85,10 @@ def _l2_rows(a: Array) -> Array:
     return jnp.abs(a) if a.ndim == 1 else jnp.linalg.norm(a.reshape(a.shape[0], -1), axis=-1)
 
 
-def _cos_rows(a: Array, b: Array, eps: float = 1e-30) -> Array:
-    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    return jnp.sum(a * b, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1) + eps)
+def _mean_cos(a: Array, b: Array) -> float:
+    """Mean per-task cosine; tasks where either sensitivity is zero are undefined and left out
+    (:mod:`iclgd_synth.similarity`)."""
+    return mean_defined(cosine_rows(a, b))[0]
 
 
 def preds_diff(f: Any, g: Any, batch: TaskBatch) -> float:
@@ -96,7 +98,7 @@ def preds_diff(f: Any, g: Any, batch: TaskBatch) -> float:
 
 def model_cos(f: Any, g: Any, batch: TaskBatch) -> float:
     """Mean over tasks of the cosine between the sensitivities of ``f`` and ``g``."""
-    return float(jnp.mean(_cos_rows(sensitivities(f, batch), sensitivities(g, batch))))
+    return _mean_cos(sensitivities(f, batch), sensitivities(g, batch))
 
 
 def model_diff(f: Any, g: Any, batch: TaskBatch) -> float:
@@ -110,7 +112,7 @@ def compare(f: Any, g: Any, batch: TaskBatch) -> dict[str, float]:
     pf, pg = as_predictor(f)(batch), as_predictor(g)(batch)
     sf, sg = sensitivities(f, batch), sensitivities(g, batch)
     return {"loss_a": float(half_mse(pf, batch.y_query)), "loss_b": float(half_mse(pg, batch.y_query)),
-            "preds_diff": float(jnp.mean(_l2_rows(pf - pg))), "model_cos": float(jnp.mean(_cos_rows(sf, sg))),
+            "preds_diff": float(jnp.mean(_l2_rows(pf - pg))), "model_cos": _mean_cos(sf, sg),
             "model_diff": float(jnp.mean(_l2_rows(sf - sg)))}
 
 
@@ -129,17 +131,12 @@ def rescaled_products(params: TransformerParams, dim: int, layer: int = 0) -> tu
     return kq / beta, pv * beta, float(beta)
 
 
-def _cos(a: Array, b: Array) -> float:
-    a, b = a.ravel(), b.ravel()
-    return float(jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30))
-
-
 def weight_alignment(trained: TransformerParams, hand: TransformerParams, dim: int, layer: int = 0
                      ) -> dict[str, float]:
     """Cosines between trained and constructed W_KQ and W_PV (after rescaling both by their beta), and beta."""
     kq_t, pv_t, beta_t = rescaled_products(trained, dim, layer)
     kq_h, pv_h, _ = rescaled_products(hand, dim, layer)
-    return {"kq_cos": _cos(kq_t, kq_h), "pv_cos": _cos(pv_t, pv_h), "beta": beta_t,
+    return {"kq_cos": cosine(kq_t, kq_h), "pv_cos": cosine(pv_t, pv_h), "beta": beta_t,
             "pv_yy": float(pv_t[dim:, dim:].mean()), "pv_yy_hand": float(pv_h[dim:, dim:].mean())}
 
 
@@ -172,25 +169,7 @@ OOD_SWEEPS: dict[str, tuple[str, tuple]] = {
 }
 
 #: Per-coordinate second moment E[x_j^2] of the unscaled input laws (uniform: a^2 / 3 with a = x_range).
-_SECOND_MOMENTS = {"normal": 1.0, "laplace": 2.0, "exponential": 2.0}  # Laplace(0, 1): 2 b^2; Exp(1): 1 + 1^2
-
-
 _TASK_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TaskConfig)}
-
-
-def input_second_moment(task: TaskConfig) -> float:
-    """Mean over coordinates of E[x_j^2] under ``task``, ``x_scale`` included.
-
-    Uniform U(-a, a): a^2 / 3; normal: 1; Laplace (unit scale): 2; exponential (rate 1): 2 (variance 1 plus squared
-    mean 1); anisotropic N(0, Sigma): trace(Sigma) / d.
-    """
-    if task.x_dist == "uniform":
-        m2 = task.x_range**2 / 3.0
-    elif task.x_dist in _SECOND_MOMENTS:
-        m2 = _SECOND_MOMENTS[task.x_dist]
-    else:
-        m2 = float(np.trace(np.asarray(input_covariance(task), np.float64))) / task.dim
-    return float(m2 * task.x_scale**2)
 
 
 def ood_task(task: TaskConfig, sweep: str, value: Any) -> TaskConfig:

@@ -316,18 +316,35 @@ def task_pool(config: TaskConfig, dtype: Any = None, w_scale: Any = None) -> Arr
     return (config.w_scale if w_scale is None else w_scale) * jax.random.normal(key, shape, dtype)
 
 
+def _coordinate_variance(config: TaskConfig) -> float | None:
+    """Variance of one input coordinate for the i.i.d. laws (before ``x_scale``); None for the anisotropic law."""
+    return {"uniform": config.x_range**2 / 3.0, "normal": 1.0, "laplace": 2.0, "exponential": 1.0}.get(config.x_dist)
+
+
 def input_covariance(config: TaskConfig, dtype: Any = None) -> Array:
     """Covariance of one input vector under ``config`` (before ``x_scale``), (d, d)."""
     dtype = jnp.zeros(()).dtype if dtype is None else check_dtype(dtype)
-    d = config.dim
-    if config.x_dist == "uniform":
-        return jnp.eye(d, dtype=dtype) * (config.x_range**2 / 3.0)
-    if config.x_dist in ("normal", "exponential"):
-        return jnp.eye(d, dtype=dtype)
-    if config.x_dist == "laplace":
-        return jnp.eye(d, dtype=dtype) * 2.0
+    variance = _coordinate_variance(config)
+    if variance is not None:
+        return jnp.eye(config.dim, dtype=dtype) * variance
     factor = _anisotropic_factor(config, dtype)
     return factor @ factor.T
+
+
+def input_mean(config: TaskConfig) -> float:
+    """Mean of every input coordinate under ``config`` (before ``x_scale``): 1 for the exponential law (rate 1), 0
+    for the other laws."""
+    return 1.0 if config.x_dist == "exponential" else 0.0
+
+
+def input_second_moment(config: TaskConfig) -> float:
+    """Mean over coordinates of E[x_j^2] under ``config``, ``x_scale`` included: trace(covariance) / d plus the
+    squared mean. Uniform U(-a, a): a^2 / 3; normal: 1; Laplace (unit scale): 2; exponential (rate 1): 2 (variance 1
+    plus squared mean 1); anisotropic N(0, Sigma): trace(Sigma) / d."""
+    variance = _coordinate_variance(config)
+    if variance is None:  # anisotropic: from the covariance matrix
+        variance = float(np.trace(np.asarray(input_covariance(config), np.float64))) / config.dim
+    return float((variance + input_mean(config) ** 2) * config.x_scale**2)
 
 
 def _anisotropic_factor(config: TaskConfig, dtype) -> Array:
