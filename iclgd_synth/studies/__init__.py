@@ -99,7 +99,6 @@ def main(args: argparse.Namespace) -> int:
         print(cfg.dumps(config))
         print("settable paths: " + ", ".join(cfg.paths(config)))
         return 0
-    out = run_study(args.name, quick=args.quick, overrides=overrides, seeds=args.seeds, root=args.root,
-                    force=args.force, progress=not args.no_progress)
-    print(out / "report.md")
+    run_study(args.name, quick=args.quick, overrides=overrides, seeds=args.seeds, root=args.root, force=args.force,
+              progress=not args.no_progress)  # says where the report is
     return 0
