@@ -55,6 +55,16 @@ def test_main_job_writes_config_metrics_figures_and_report(quick_main_run):
     assert "W_K^T W_Q / beta" in report  # the heat-map caption says the products are rescaled
 
 
+def test_main_job_reports_the_exact_population_optimum_beside_the_sampled_numbers(quick_main_run):
+    exact = _metrics(quick_main_run)["exact"]
+    # REFERENCE section 12: U(-0.5, 0.5), d = N = 10, noiseless: eta* = 6.06, half-MSE 0.2062 (= 0.20623 exactly).
+    assert exact["eta_star"] == pytest.approx(200 / 33, rel=1e-9)
+    assert exact["loss_star"] == pytest.approx(0.2062289562289562, rel=1e-9)
+    assert exact["tuned_eta_excess"] >= 0 and exact["eval_tuned_excess"] >= 0 and exact["eval_tuning_bias"] <= 0
+    assert exact["trained_minus_optimum_se"] > 0
+    assert "## Exact population optimum" in (quick_main_run / "report.md").read_text()
+
+
 def test_main_job_reproduces_its_golden_numbers(quick_main_run):
     metrics = _metrics(quick_main_run)
     for key, value in MAIN_GOLDEN.items():

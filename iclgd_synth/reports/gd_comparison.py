@@ -75,6 +75,33 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _exact_section(exact: dict[str, Any] | None) -> list[str]:
+    """The population optimum beside the sampled figures (:func:`iclgd_synth.studies.gd_comparison._exact_optimum`)."""
+    if not exact:
+        return []
+    if "skipped" in exact:
+        return ["## Exact population optimum", "", f"Not available for this task law: {exact['skipped']}", ""]
+    k = exact["steps"]
+    lines = ["## Exact population optimum", "",
+             f"Exact population half-MSE of {k}-step GD from the task law (`iclgd_synth.theory`), beside the sampled "
+             "figures above:", "",
+             "| quantity | value |", "|---|---|",
+             f"| population-optimal eta* | {exact['eta_star']:.6g} |",
+             f"| population loss at eta* | {exact['loss_star']:.6g} |",
+             f"| population loss at the eta tuned on separate tasks | {exact['tuned_eta_population_loss']:.6g} "
+             f"(excess {exact['tuned_eta_excess']:.3g}) |",
+             f"| eta tuned on the evaluation tasks themselves | {exact['eval_tuned_eta']:.6g}: population loss "
+             f"{exact['eval_tuned_population_loss']:.6g} (excess {exact['eval_tuned_excess']:.3g}); its sampled loss "
+             f"{exact['eval_tuned_sampled_loss']:.6g} is {-exact['eval_tuning_bias']:.3g} below eta*'s on the same "
+             f"tasks ({exact['eval_tuned_sampled_loss_at_eta_star']:.6g}): the bias of tuning in-sample |",
+             f"| trained model minus the optimum (held-out estimate) | {exact['trained_minus_optimum']:+.4g} "
+             f"+- {1.96 * exact['trained_minus_optimum_se']:.2g} (95%, sampling error of the held-out tasks) |"]
+    if "preconditioner_loss_star" in exact:
+        lines.append(f"| best one-step preconditioned GD, any G (population) | "
+                     f"{exact['preconditioner_loss_star']:.6g} |")
+    return lines + [""]
+
+
 def _report(config, metrics: dict, figures: dict[str, tuple[str, str]]) -> str:
     t = config.train
     k = config.baseline_steps
@@ -105,7 +132,9 @@ def _report(config, metrics: dict, figures: dict[str, tuple[str, str]]) -> str:
                   f"gamma = {_fmt(metrics['gdpp_gamma'])} |",
                   f"| hand-constructed LSA (GD++) | {_fmt(metrics['hand_gdpp_loss'])} | same |"]
     lines += [f"| least squares | {_fmt(metrics['least_squares_loss'])} | |",
-              f"| zero predictor | {_fmt(metrics['zero_loss'])} | |", "", "## Trained models", ""]
+              f"| zero predictor | {_fmt(metrics['zero_loss'])} | |", ""]
+    lines += _exact_section(metrics.get("exact"))
+    lines += ["## Trained models", ""]
     cols = ["trained_loss", "preds_diff", "model_cos", "model_diff"]
     if "gdpp_loss" in metrics:
         cols += ["preds_diff_gdpp", "model_cos_gdpp"]

@@ -131,6 +131,7 @@ def compute(config: GDComparisonConfig, run: Run) -> dict[str, Any]:
         hand_layers["hand GD++ construction"] = M.per_layer_losses(hand_pp, eval_batch)
 
     results: dict[str, Any] = {}
+    results_params: dict[str, list] = {}
     arrays: dict[str, np.ndarray] = {}
     first_params: dict[str, TransformerParams] = {}
     for label, model_cfg in config.models:
@@ -157,6 +158,7 @@ def compute(config: GDComparisonConfig, run: Run) -> dict[str, Any]:
         r["ci"] = {key: mean_ci([s[key] for s in per_seed]) for key in SEED_METRICS if key in per_seed[0]}
         results[label] = r
         params = result.seed_params(0)
+        results_params[label] = [result.seed_params(i) for i in range(len(cfg.seeds))]
         first_params[label] = params
         predictors[f"trained {label}"] = params
         arrays[f"losses/{label}"] = np.asarray(result.losses)
@@ -170,11 +172,48 @@ def compute(config: GDComparisonConfig, run: Run) -> dict[str, Any]:
             ood[sweep] = M.ood_sweep(ood_predictors, task, sweep, n_tasks=config.eval_tasks)
 
     first = config.models[0][0]
+    exact = _exact_optimum(config, tuned.eta, eval_batch, first_result_params=results_params[first])
     llm = (_llm_comparison(config, first_params[first], out / "weights", run.progress) if config.llm_weights
            else None)
     return {**baselines, **{k_: v for k_, v in results[first].items() if k_ != "history"},
-            "models": results, "hand_per_layer_losses": hand_layers, "ood": ood, "llm_weights": llm,
+            "models": results, "hand_per_layer_losses": hand_layers, "ood": ood, "llm_weights": llm, "exact": exact,
             "input_second_moment": M.input_second_moment(task)}
+
+
+def _exact_optimum(config: GDComparisonConfig, tuned_eta: float, eval_batch, *, first_result_params: list
+                   ) -> dict[str, Any]:
+    """The population optimum of K-step GD for the task law (exact where :mod:`iclgd_synth.theory` has a closed form)
+    beside the sampled figures: the trained model's loss relative to it (with the sampling error of the estimate),
+    the population excess of the step size tuned on separate tasks, and what tuning on the evaluation sample itself
+    does: its population excess, and how far it lowers the sampled loss below eta*'s on the same tasks (a bias)."""
+    from iclgd_synth import theory
+
+    task, k = config.train.task, config.baseline_steps
+    try:
+        eta_star, loss_star = theory.optimal_eta(task, k), theory.optimal_gd_loss(task, k)
+    except ValueError as e:
+        return {"skipped": str(e)}
+    out: dict[str, Any] = {"steps": k, "eta_star": eta_star, "loss_star": loss_star,
+                           "tuned_eta_population_loss": float(theory.gd_population_loss(task, tuned_eta, k))}
+    out["tuned_eta_excess"] = out["tuned_eta_population_loss"] - loss_star
+    in_sample = tune_gd(eval_batch, k)
+    out.update(eval_tuned_eta=in_sample.eta, eval_tuned_sampled_loss=in_sample.loss,
+               eval_tuned_population_loss=float(theory.gd_population_loss(task, in_sample.eta, k)))
+    out["eval_tuned_excess"] = out["eval_tuned_population_loss"] - loss_star
+    # Tuning on the evaluation tasks lowers their sampled loss below what eta* gets on the same tasks (<= 0).
+    out["eval_tuned_sampled_loss_at_eta_star"] = M.loss(GD(eta=eta_star, steps=k), eval_batch)
+    out["eval_tuning_bias"] = in_sample.loss - out["eval_tuned_sampled_loss_at_eta_star"]
+    if k == 1:
+        out["preconditioner_loss_star"] = theory.optimal_preconditioner_loss(task)
+    y = np.asarray(eval_batch.y_query, np.float64)
+    per_task_SxB = np.stack([0.5 * (np.asarray(p(eval_batch), np.float64) - y) ** 2 for p in first_result_params])
+    gaps = per_task_SxB.mean(axis=1) - loss_star
+    # Sampling error of the held-out estimate: from the per-task losses (averaged over seeds, which share the tasks).
+    pooled = per_task_SxB.mean(axis=0)
+    out["trained_minus_optimum"] = float(gaps.mean())
+    out["trained_minus_optimum_se"] = float(pooled.std(ddof=1) / np.sqrt(pooled.size))
+    out["trained_minus_optimum_ci"] = mean_ci(gaps)
+    return out
 
 
 def _mean_over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
