@@ -183,3 +183,23 @@ def model_loss_curves(path: Path, losses: Mapping[str, np.ndarray], *, title: st
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
     return save_figure(fig, path).name
+
+
+def curves_with_bands(path, series: Mapping[str, tuple[np.ndarray, np.ndarray]], *, xlabel: str, ylabel: str,
+                      title: str = "", logy: bool = False) -> Path:
+    """One line per series (mean over its columns, e.g. seeds) with a min-max band; ``series`` maps a name to
+    (x of shape (T,), y of shape (T,) or (T, S))."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, (x, y)) in enumerate(series.items()):
+        y = np.asarray(y, np.float64).reshape(len(x), -1)
+        ax.plot(x, y.mean(1), label=f"{name} ({y.shape[1]} seed{'s' * (y.shape[1] != 1)})", color=f"C{i % 10}")
+        if y.shape[1] > 1:
+            ax.fill_between(x, y.min(1), y.max(1), color=f"C{i % 10}", alpha=0.2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)

@@ -13,7 +13,7 @@ rendered by :mod:`iclgd_synth.reports.gd_comparison`.
 from __future__ import annotations
 
 import dataclasses
-import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,11 @@ import jax
 import numpy as np
 
 from iclgd_synth import metrics as M
-from iclgd_synth.config import NO_HASH
 from iclgd_synth.constructions import gd_params, gdpp_params
 from iclgd_synth.intervals import mean_ci
 from iclgd_synth.learners import GD, GDPlusPlus, LeastSquares, tune_gd, tune_gdpp
 from iclgd_synth.model import ModelConfig, TransformerParams
-from iclgd_synth.storage import write_text_atomic
-from iclgd_synth.studies.protocol import Run, Study
+from iclgd_synth.studies.protocol import History, Run, Study
 from iclgd_synth.tasks import TASK_PRESETS, sample
 from iclgd_synth.train import TrainConfig, train
 from iclgd_synth.validation import check_int
@@ -106,8 +104,6 @@ def compute(config: GDComparisonConfig, run: Run) -> dict[str, Any]:
     eval_batch = sample(jax.random.PRNGKey(EVAL_SEED), task, config.eval_tasks)
 
     # Baselines, tuned on their own tasks.
-    import time
-
     t0 = time.perf_counter()
     tuned = tune_gd(tune_batch, k)
     tune_seconds = time.perf_counter() - t0
@@ -136,18 +132,14 @@ def compute(config: GDComparisonConfig, run: Run) -> dict[str, Any]:
     first_params: dict[str, TransformerParams] = {}
     for label, model_cfg in config.models:
         cfg = config.train.replace(model=model_cfg)
-        history_path = out / f"history_{label}.jsonl"
-        history = _read_history(history_path)
+        history = History(out / f"history_{label}.jsonl")
 
-        def on_chunk(step, params_S, _hist=history, _path=history_path):
+        def on_chunk(step, params_S, _hist=history):
             p0 = jax.tree.map(lambda a: a[0], params_S)
-            row = {"step": step, **_training_metrics(p0, gd, gdpp, eval_batch)}
-            _hist.append(row)
-            with open(_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            _hist.append({"step": step, **_training_metrics(p0, gd, gdpp, eval_batch)})
 
         result = train(cfg, out / f"ckpt_{label}", progress=run.progress, on_chunk=on_chunk)
-        _truncate_history(history_path, history, cfg.n_steps)
+        history = history.finish(cfg.n_steps)
         per_seed = [_evaluate_model(result.seed_params(i), model_cfg, gd, hand, gdpp, eval_batch, d)
                     for i in range(len(cfg.seeds))]
         r = _mean_over_seeds(per_seed)
@@ -292,25 +284,6 @@ def _heatmap_arrays(label, params, hand, hand_pp, d) -> dict[str, np.ndarray]:
     if hand_pp is not None:
         mats["GD++ construction beta P W_V"] = np.asarray(M.rescaled_products(hand_pp, d)[1])
     return {f"weights/{label}/{name}": m for name, m in mats.items()}
-
-
-def _read_history(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by an interruption
-            break
-    return rows
-
-
-def _truncate_history(path: Path, history: list[dict], n_steps: int) -> None:
-    """Keep one row per step, in order (a resumed run may have recorded steps after its last checkpoint twice)."""
-    by_step = {row["step"]: row for row in history if row["step"] <= n_steps}
-    history[:] = [by_step[s] for s in sorted(by_step)]
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in history))
 
 
 def _render(config, metrics, run_dir):

@@ -176,3 +176,35 @@ def _check_root(root: Path) -> None:
 
 def _say(text: str) -> None:
     print(text, file=sys.stderr)
+
+
+class History:
+    """Rows recorded over training (one JSON line each), kept in ``path`` so that a resumed run keeps the rows of
+    the steps before the interruption; :meth:`finish` keeps one row per step, in order, up to ``n_steps``."""
+
+    def __init__(self, path: str | os.PathLike):
+        import json
+
+        self.path = Path(path)
+        self.rows: list[dict[str, Any]] = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    self.rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut by an interruption
+                    break
+
+    def append(self, row: dict[str, Any]) -> None:
+        from iclgd_synth.storage import to_json
+
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(to_json(row, indent=None) + "\n")
+
+    def finish(self, n_steps: int) -> list[dict[str, Any]]:
+        from iclgd_synth.storage import to_json
+
+        by_step = {row["step"]: row for row in self.rows if row["step"] <= n_steps}
+        self.rows = [by_step[s] for s in sorted(by_step)]
+        write_text_atomic(self.path, "".join(to_json(r, indent=None) + "\n" for r in self.rows))
+        return self.rows

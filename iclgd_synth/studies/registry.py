@@ -27,6 +27,8 @@ STUDIES: dict[str, tuple[str, str, str]] = {
              "dual form of linear attention, ICL vs fine-tuning metrics, momentum attention"),
     "causal": ("iclgd_synth.studies.causal", "CAUSAL",
                "layer causality: per-layer ICL updates vs standard and layer-causal fine-tuning"),
+    "preconditioned": ("iclgd_synth.studies.preconditioned", "PRECONDITIONED",
+                       "trained 1-layer LSAs on anisotropic inputs against the exact optimal preconditioner G*"),
 }
 
 
