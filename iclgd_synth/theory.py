@@ -484,9 +484,14 @@ def preconditioner_params(g: Any, *, n_context: int | None, out_dim: int = 1, dt
 def effective_preconditioner(params: TransformerParams, n_context: int) -> np.ndarray:
     """The G of a one-layer linear-attention model (trained or constructed), (d, d) float64, scalar outputs.
 
-    The read-out's term in sum_i y_i x_i^T ... x_q is exactly x_q^T G h with G = -N sum_h (P W_V)_h[y, y]
-    (W_K^T W_Q)_h[x, x]^T (no factor N with ``Arch.normalize``). A trained model may carry other terms too (its
-    x -> y blocks); they are not part of the family and are ignored here, so compare the model's own loss with
+    With PV = P W_V and KQ = W_K^T W_Q per head, the read-out -[PV C KQ e_q]_y, C = sum_i e_i e_i^T, e_q = (x_q, 0),
+    has two terms linear in h = (1/N) sum_i y_i x_i: PV[y, y] N h^T KQ[x, x] x_q (the construction's route) and
+    (PV[y, x] . N h)(KQ[y, x] . x_q) (a rank-one route through the label row of KQ), so
+
+        G = -N sum_h (PV_h[y, y] KQ_h[x, x] + PV_h[y, x]^T KQ_h[y, x])^T        (no factor N with ``Arch.normalize``).
+
+    A trained model may carry other terms too, outside the family (PV[y, x] C[x, x] KQ[x, x] x_q, which has no label,
+    and PV[y, y] (sum_i y_i^2) KQ[y, x] x_q); they are ignored here, so compare the model's own loss with
     ``preconditioned_loss(effective_preconditioner(...))`` to see what they cost or gain.
     """
     check_params(params)
@@ -503,8 +508,11 @@ def effective_preconditioner(params: TransformerParams, n_context: int) -> np.nd
         raise ValueError(f"params must have tokens of size D = d + 1 >= 2, got D = {params.token_dim}")
     kq, pv = (np.asarray(a, np.float64) for a in head_products(layer))
     d = params.token_dim - 1
+    if params.token_dim != d + 1:
+        raise ValueError("effective_preconditioner needs scalar outputs (D = d + 1)")
     scale = 1.0 if arch.normalize else float(n)
-    return -scale * np.einsum("h,hde->ed", pv[:, d, d], kq[:, :d, :d])
+    g_t = np.einsum("h,hde->hde", pv[:, d, d], kq[:, :d, :d]) + np.einsum("hd,he->hde", pv[:, d, :d], kq[:, d, :d])
+    return -scale * g_t.sum(0).T
 
 
 # ------------------------------------------------------------------------------------------------------- checks

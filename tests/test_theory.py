@@ -162,6 +162,20 @@ def test_effective_preconditioner_of_a_random_layer_reproduces_its_prediction(x6
     assert np.abs(predict(from_products(kq, pv), batch) - theory.preconditioned_predict(batch, g)).max() > 1e-3
 
 
+def test_effective_preconditioner_includes_the_rank_one_route_through_the_label_row(x64):
+    """With only the label rows of P W_V and W_K^T W_Q (and W_K^T W_Q's x-block zero, P W_V's label entry zero), the
+    layer predicts (P W_V[y, x] . sum_i y_i x_i)(W_K^T W_Q[y, x] . x_q): a rank-one preconditioner."""
+    d, rng = 3, np.random.default_rng(5)
+    kq, pv = np.zeros((d + 1, d + 1)), np.zeros((d + 1, d + 1))
+    kq[d, :d], pv[d, :d] = rng.standard_normal(d), rng.standard_normal(d)
+    params = from_products(kq, pv)
+    batch = _numpy_batch(d, 5, 1)
+    g = theory.effective_preconditioner(params, 5)
+    np.testing.assert_allclose(g, -5 * np.outer(kq[d, :d], pv[d, :d]), rtol=1e-12)
+    np.testing.assert_allclose(predict(params, batch), theory.preconditioned_predict(batch, g), rtol=1e-10,
+                               atol=1e-12)
+
+
 @given(law=st.sampled_from(LAWS), dn=st.sampled_from([(2, 2), (3, 4)]), noise=st.sampled_from([0.0, 0.5]),
        seed=st.integers(0, 100))
 def test_optimal_preconditioner_matches_numerical_minimisation(x64, law, dn, noise, seed):
