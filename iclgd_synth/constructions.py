@@ -146,3 +146,19 @@ def _stack(dim, n_layers, recurrent, n_context, layers) -> TransformerParams:
 
 def _is_traced(x: Any) -> bool:
     return not is_concrete(x)
+
+
+def causal_hand_params(dim: int, eta: Any, n_layers: int, n_context: int) -> TransformerParams:
+    """The hand-constructed K-step GD weights (1/N in P, ``n_context`` = N) run with a causal mask.
+
+    With the mask, context token t is updated from the prefix sum sum_{i<=t} e_i e_i^T, so after one layer its
+    residual target is y_t - Delta W_(t) x_t with Delta W_(t) = (eta/N) sum_{i<=t} y_i x_i^T: the 1/N in P stays
+    fixed, so this is one GD step of size eta * t / N on the in-context loss of demonstrations 1..t. The query (last
+    token) still sees every key, so one causal layer equals one GD step and is invariant to the order of the
+    demonstrations; from layer 2 on the query reads residuals that depend on the order, so a 2+-layer causal model
+    is order-sensitive and no longer K-step GD ("Do pretrained Transformers Learn In-Context by Gradient Descent?").
+    """
+    import dataclasses
+
+    params = gd_params(dim, eta, n_layers=n_layers, n_context=n_context)
+    return params.replace(arch=dataclasses.replace(params.arch, causal=True))
