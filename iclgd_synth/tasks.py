@@ -348,14 +348,16 @@ def input_second_moment(config: TaskConfig) -> float:
 
 
 def _anisotropic_factor(config: TaskConfig, dtype) -> Array:
+    """A square root L of the anisotropic law's covariance (x = L z, z ~ N(0, I)), computed in float64 NumPy from
+    the config alone, so the law does not depend on the dtype the tasks are drawn in."""
     d = config.dim
     if config.x_cov is not None:
-        return jnp.linalg.cholesky(jnp.asarray(config.x_cov, dtype))
-    eig = jnp.logspace(0.0, -np.log10(config.condition_number), d, dtype=dtype)
+        return jnp.asarray(np.linalg.cholesky(np.asarray(config.x_cov, np.float64)), dtype)
+    eig = np.logspace(0.0, -np.log10(config.condition_number), d)
     eig = eig * d / eig.sum()
-    q, r = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(config.cov_seed), (d, d), dtype))
-    q = q * jnp.sign(jnp.diagonal(r))  # a Haar-distributed rotation
-    return q * jnp.sqrt(eig)
+    q, r = np.linalg.qr(np.random.default_rng(config.cov_seed).standard_normal((d, d)))
+    q = q * np.sign(np.diagonal(r))  # a Haar-distributed rotation
+    return jnp.asarray(q * np.sqrt(eig), dtype)
 
 
 def _draw_inputs(key: PRNGKey, config: TaskConfig, x_range: Any, size: int, dtype) -> Array:

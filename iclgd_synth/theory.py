@@ -508,8 +508,6 @@ def effective_preconditioner(params: TransformerParams, n_context: int) -> np.nd
         raise ValueError(f"params must have tokens of size D = d + 1 >= 2, got D = {params.token_dim}")
     kq, pv = (np.asarray(a, np.float64) for a in head_products(layer))
     d = params.token_dim - 1
-    if params.token_dim != d + 1:
-        raise ValueError("effective_preconditioner needs scalar outputs (D = d + 1)")
     scale = 1.0 if arch.normalize else float(n)
     g_t = np.einsum("h,hde->hde", pv[:, d, d], kq[:, :d, :d]) + np.einsum("hd,he->hde", pv[:, d, :d], kq[:, d, :d])
     return -scale * g_t.sum(0).T
