@@ -32,6 +32,8 @@ from iclgd_synth.validation import check_int
 
 TUNE_SEED, EVAL_SEED = 1_000_003, 2_000_003
 #: Scalar per-model metrics reported as a mean over seeds with a 95% interval.
+#: Held-out tasks used for the per-layer mechanics of multi-layer models (autodiff per layer, spectra per task).
+PER_LAYER_TASKS = 1000
 SEED_METRICS = ("trained_loss", "preds_diff", "model_cos", "model_diff", "preds_diff_gdpp", "model_cos_gdpp",
                 "model_diff_gdpp", "kq_cos", "pv_cos", "beta", "interpolated_loss")
 
@@ -123,6 +125,12 @@ def compute(config: GDComparisonConfig, run: Run) -> dict[str, Any]:
         baselines.update(gdpp_eta=gdpp.eta, gdpp_gamma=gdpp.gamma, gdpp_loss=M.loss(gdpp, eval_batch),
                          hand_gdpp_loss=M.loss(hand_pp, eval_batch))
     hand_layers = {"hand GD construction": M.per_layer_losses(hand, eval_batch)} if k > 1 else {}
+    if gdpp is not None:
+        from iclgd_synth import implicit_weights as IW
+
+        x = np.asarray(eval_batch.x[:PER_LAYER_TASKS], np.float64)
+        baselines["gdpp_condition_median"] = [float(v) for v in np.median(
+            IW.gdpp_conditioning(x, np.full(k, gdpp.gamma)), axis=1)]
     if k > 1 and hand_pp is not None:
         hand_layers["hand GD++ construction"] = M.per_layer_losses(hand_pp, eval_batch)
 
@@ -254,10 +262,26 @@ def _evaluate_model(params, model_cfg, gd, hand, gdpp, batch, d) -> dict[str, An
         r.update(preds_diff_gdpp=c["preds_diff"], model_cos_gdpp=c["model_cos"], model_diff_gdpp=c["model_diff"])
     if model_cfg.n_layers > 1:
         r["per_layer_losses"] = M.per_layer_losses(params, batch)
+        if _is_plain_lsa(model_cfg) and model_cfg.layout == "concat":
+            r.update(_per_layer_mechanics(params, gd, gdpp, batch.slice(0, min(batch.batch_size, PER_LAYER_TASKS))))
     if _is_plain_lsa(model_cfg) and model_cfg.n_heads == 1 and model_cfg.n_layers == 1:
         r.update(M.weight_alignment(params, hand, d))
         r["interpolated_loss"] = M.loss(M.interpolate(params, hand, d), batch)
     return r
+
+
+def _per_layer_mechanics(params, gd, gdpp, batch) -> dict[str, list[float]]:
+    """Per layer application: the model's implicit weights (d y_hat_l / d x_q, by autodiff) against the GD and GD++
+    iterates and least squares, and what the layer does to the conditioning of its context inputs (median condition
+    number of X_l^T X_l; the GD++ form X <- X - gamma X X^T X fitted to the update, with the fraction it explains)."""
+    from iclgd_synth import implicit_weights as IW
+
+    cmp = IW.compare_layers(params, batch, eta=gd.eta, gamma=None if gdpp is None else gdpp.gamma)
+    out = {f"layer_{key}": [float(v) for v in vals] for key, vals in cmp.items() if key != "norm_ls"}
+    out["layer_condition_median"] = [float(v) for v in np.median(IW.token_conditioning(params, batch), axis=1)]
+    fit = IW.fit_gdpp_gammas(params, batch)
+    out.update(layer_gdpp_gamma_fit=[float(v) for v in fit["gamma"]], layer_gdpp_r2=[float(v) for v in fit["r2"]])
+    return out
 
 
 def _heatmap_arrays(label, params, hand, hand_pp, d) -> dict[str, np.ndarray]:
