@@ -277,3 +277,20 @@ def test_split_heads_and_from_products_reject_bad_input():
         ic.split_heads(ic.split_heads(params, 2), 2)
     with pytest.raises(ValueError, match="kq and pv"):
         ic.from_products(np.eye(4), np.eye(3))
+
+
+def test_causal_hand_model_first_layer_uses_prefix_gd_steps(x64):
+    # After one causal layer, context token t holds y_t - Delta W_(t) x_t, Delta W_(t) from demonstrations 1..t.
+    import dataclasses
+
+    from iclgd_synth.constructions import causal_hand_params
+
+    batch = ic.sample_tasks(jax.random.PRNGKey(6), 3, 5, 2)
+    params = causal_hand_params(2, 1.5, 1, 5)
+    assert params.arch.causal
+    out = ic.forward(params, ic.build_tokens(batch), 5)
+    for t in range(5):
+        prefix = dataclasses.replace(batch, x=batch.x[:, :t + 1], y=batch.y[:, :t + 1])
+        dw = ic.gd_weights(prefix, 1.5 * (t + 1) / 5, 1)[:, 0]  # P = eta / N with N = 5, sum over t + 1 terms
+        expected = batch.y[:, t] - jnp.einsum("bd,bd->b", dw, batch.x[:, t])
+        np.testing.assert_allclose(np.asarray(out[:, t, 2]), np.asarray(expected), atol=1e-12)

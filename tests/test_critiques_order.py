@@ -1,19 +1,18 @@
 """Order sensitivity (iclgd_synth.critiques.order): the statistics on known answers, exact invariance of full-batch GD,
-non-causal LSA and 1-layer causal models in float64, order sensitivity of SGD and multi-layer causal models."""
+non-causal LSA and 1-layer causal models in float64, order sensitivity of SGD and multi-layer causal models, and the
+causal hand model's step size tuned for the causal model itself. (The study itself: tests/test_study_order.py.)"""
 
 from __future__ import annotations
 
-import dataclasses
-
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import iclgd_synth as ic
+from iclgd_synth.constructions import causal_hand_params
 from iclgd_synth.critiques import order as O
 
 
@@ -91,8 +90,8 @@ def test_non_causal_lsa_of_any_depth_is_order_invariant(x64, n_layers):
 def test_causal_hand_model_is_invariant_with_one_layer_and_sensitive_with_two(x64):
     batch = ic.sample_tasks(jax.random.PRNGKey(5), 32, 8, 4)
     perms = _perms(32, 8)
-    one = O.order_spread(O.ordered_predictions(O.causal_hand_params(4, 3.0, 1, 8), batch, perms))
-    two = O.order_spread(O.ordered_predictions(O.causal_hand_params(4, 3.0, 2, 8), batch, perms))
+    one = O.order_spread(O.ordered_predictions(causal_hand_params(4, 3.0, 1, 8), batch, perms))
+    two = O.order_spread(O.ordered_predictions(causal_hand_params(4, 3.0, 2, 8), batch, perms))
     assert one["relative"] < 1e-12
     assert two["relative"] > 1e-2
     # Without the mask the same 2-layer weights are 2 steps of GD, invariant again.
@@ -100,20 +99,8 @@ def test_causal_hand_model_is_invariant_with_one_layer_and_sensitive_with_two(x6
     assert O.order_spread(O.ordered_predictions(plain, batch, perms))["relative"] < 1e-12
 
 
-def test_causal_hand_model_first_layer_uses_prefix_gd_steps(x64):
-    # After one causal layer, context token t holds y_t - Delta W_(t) x_t, Delta W_(t) from demonstrations 1..t.
-    batch = ic.sample_tasks(jax.random.PRNGKey(6), 3, 5, 2)
-    params = O.causal_hand_params(2, 1.5, 1, 5)
-    out = ic.forward(params, ic.build_tokens(batch), 5)
-    for t in range(5):
-        prefix = dataclasses.replace(batch, x=batch.x[:, :t + 1], y=batch.y[:, :t + 1])
-        dw = ic.gd_weights(prefix, 1.5 * (t + 1) / 5, 1)[:, 0]  # P = eta / N with N = 5, sum over t + 1 terms
-        expected = batch.y[:, t] - jnp.einsum("bd,bd->b", dw, batch.x[:, t])
-        np.testing.assert_allclose(np.asarray(out[:, t, 2]), np.asarray(expected), atol=1e-12)
-
-
 def _causal_loss(batch, eta, k):
-    pred = ic.predict(O.causal_hand_params(batch.dim, eta, k, batch.n_context), batch)
+    pred = ic.predict(causal_hand_params(batch.dim, eta, k, batch.n_context), batch)
     return float(np.mean(0.5 * (np.asarray(pred) - np.asarray(batch.y_query)) ** 2))
 
 
