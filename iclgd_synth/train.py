@@ -31,13 +31,15 @@ import optax
 
 from iclgd_synth.config import NO_HASH, hash_dict
 from iclgd_synth.losses import half_mse
+from iclgd_synth.gpt import GPTConfig, gpt_loss, init_gpt
 from iclgd_synth.model import ModelConfig, TransformerParams, init_params, predict
-from iclgd_synth.tasks import TASK_PRESETS, TaskConfig, sample
+from iclgd_synth.tasks import TASK_PRESETS, TaskConfig, sample, sample_bytes, pool_bytes
 from iclgd_synth.storage import CheckpointError, load_checkpoint as _load_tree, save_checkpoint as _save_tree
 from iclgd_synth.storage import stable_hash, write_bytes_atomic
-from iclgd_synth.validation import check_choice, check_float, check_int
+from iclgd_synth.validation import check_choice, check_float, check_int, check_memory, warn_slow_compile
 
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
+OBJECTIVES = ("icl", "next_token")
 
 
 class TrainingDiverged(FloatingPointError):
@@ -54,21 +56,26 @@ class TrainConfig:
       batch_size: tasks per step. Default 2048.
       n_steps: optimiser steps. Default 5000.
       lr: peak learning rate. Default 1e-3 (the reference paper uses 5e-4 for depth >= 3).
-      b1, b2: Adam moment decay rates. Default 0.9, 0.98.
+      b1, b2: Adam moment decay rates, each in [0, 1) (at 1 Adam's bias correction divides by 0). Default 0.9,
+        0.98.
       weight_decay: AdamW decoupled weight decay. Default 0.
       clip_norm: global gradient-norm clip; None disables. Default 10 (the paper's text; its code uses 1e-3).
       schedule: "constant", "cosine" (decay to 0 at ``n_steps``) or "warmup_cosine" (linear warm-up from 0 to ``lr``
         over ``warmup_steps``, then cosine decay to 0 at ``n_steps``). Default "constant".
       warmup_steps: linear warm-up length in steps; only for "warmup_cosine", where it must be in [0, n_steps - 1]
         (0: no warm-up). Default 0.
-      seeds: seeds trained together under vmap (init and data differ per seed). Default (0,).
+      seeds: seeds trained together under vmap (init and data differ per seed): a tuple of different integers
+        >= 0, e.g. (0, 1, 2). Default (0,).
+      objective: what the loss reads: "icl" (the query only: the reference paper's in-context objective) or
+        "next_token" (every label y_i predicted from its prefix, averaged over positions, as the GPT-style regression
+        testbeds train; needs a :class:`~iclgd_synth.gpt.GPTConfig` model). Default "icl".
       chunk_steps: steps per jit-compiled scan chunk (progress and divergence checks happen between chunks); does
         not change results, so it is not part of the hash. Default 250.
       checkpoint_every: steps between checkpoints (rounded up to whole chunks); not part of the hash. Default 2500.
     """
 
     task: TaskConfig = TASK_PRESETS["vonoswald"]
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig | GPTConfig = ModelConfig()
     batch_size: int = 2048
     n_steps: int = 5000
     lr: float = 1e-3
@@ -79,15 +86,25 @@ class TrainConfig:
     schedule: str = "constant"
     warmup_steps: int = 0
     seeds: tuple[int, ...] = (0,)
+    objective: str = "icl"
     chunk_steps: int = dataclasses.field(default=250, metadata=NO_HASH)
     checkpoint_every: int = dataclasses.field(default=2500, metadata=NO_HASH)
 
     def __post_init__(self):
+        if not isinstance(self.task, TaskConfig):
+            hint = (f"; for the preset write task=TASK_PRESETS[{self.task!r}]" if self.task in TASK_PRESETS else
+                    f"; presets: TASK_PRESETS[name] for name in {sorted(TASK_PRESETS)}")
+            raise TypeError(f"task must be an iclgd_synth.TaskConfig, got {self.task!r} of type "
+                            f"{type(self.task).__name__}{hint}")
         check_int("batch_size", self.batch_size, min_value=1)
         check_int("n_steps", self.n_steps, min_value=1)
         check_float("lr", self.lr, min_value=0.0, strict_min=True)
-        check_float("b1", self.b1, min_value=0.0, max_value=1.0)
-        check_float("b2", self.b2, min_value=0.0, max_value=1.0)
+        for name in ("b1", "b2"):
+            value = getattr(self, name)
+            check_float(name, value)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1) (a moment decay rate: at 1 Adam never updates its "
+                                 f"estimate and its bias correction divides by 0), got {value!r}")
         check_float("weight_decay", self.weight_decay, min_value=0.0)
         if self.clip_norm is not None:
             check_float("clip_norm", self.clip_norm, min_value=0.0, strict_min=True)
@@ -101,6 +118,10 @@ class TrainConfig:
         elif check_int("warmup_steps", self.warmup_steps, min_value=0) > 0:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) only applies to schedule='warmup_cosine' "
                              f"(in [0, n_steps - 1]); got schedule={self.schedule!r}")
+        if isinstance(self.seeds, (str, bytes)) or not hasattr(self.seeds, "__iter__"):
+            raise TypeError(f"seeds must be a sequence of different integers >= 0 such as (0, 1, 2), got "
+                            f"{self.seeds!r}" + (f"; for {self.seeds} seeds write seeds=tuple(range({self.seeds}))"
+                                                 if isinstance(self.seeds, int) and self.seeds > 0 else ""))
         if not isinstance(self.seeds, tuple) or not self.seeds:
             object.__setattr__(self, "seeds", tuple(self.seeds) if self.seeds else ())
             if not self.seeds:
@@ -112,6 +133,16 @@ class TrainConfig:
                              f"{list(self.seeds)}")
         check_int("chunk_steps", self.chunk_steps, min_value=1)
         check_int("checkpoint_every", self.checkpoint_every, min_value=1)
+        if not isinstance(self.model, (ModelConfig, GPTConfig)):
+            raise TypeError(f"model must be a ModelConfig (linear/softmax attention on (x, y) tokens) or a GPTConfig "
+                            f"(GPT-style regression model), got {type(self.model).__name__}")
+        check_choice("objective", self.objective, OBJECTIVES)
+        if self.objective == "next_token" and not isinstance(self.model, GPTConfig):
+            raise ValueError("objective='next_token' needs a GPT-style model (model=GPTConfig(...)): the (x, y)-token "
+                             "models predict the query only")
+        if isinstance(self.model, GPTConfig) and self.model.n_context < self.task.n_context:
+            raise ValueError(f"model.n_context ({self.model.n_context}) must be at least task.n_context "
+                             f"({self.task.n_context}): the GPT model's positions cover 2 N + 1 tokens")
         if self.model.dim != self.task.dim or self.model.out_dim != self.task.out_dim:
             raise ValueError(f"model.dim/out_dim ({self.model.dim}, {self.model.out_dim}) must match task.dim/out_dim "
                              f"({self.task.dim}, {self.task.out_dim})")
@@ -188,6 +219,18 @@ def loss_fn(params: TransformerParams, batch) -> jax.Array:
     return half_mse(predict(params, batch), batch.y_query)
 
 
+def objective_loss(config: TrainConfig) -> Callable:
+    """The training loss ``(params, batch) -> scalar`` of ``config``'s model and objective."""
+    if isinstance(config.model, GPTConfig):
+        return functools.partial(gpt_loss, objective=config.objective)
+    return loss_fn
+
+
+def init_model(key: jax.Array, model: ModelConfig | GPTConfig):
+    """Initial parameters of either kind of model."""
+    return init_gpt(key, model) if isinstance(model, GPTConfig) else init_params(key, model)
+
+
 def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     """(init key, data key) of a seed."""
     k_init, k_data = jax.random.split(jax.random.PRNGKey(seed))
@@ -199,7 +242,7 @@ def make_step(config: TrainConfig, optimizer: optax.GradientTransformation) -> C
 
     def step_fn(params, opt_state, data_key, step):
         batch = sample(jax.random.fold_in(data_key, step), config.task, config.batch_size)
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        loss, grads = jax.value_and_grad(objective_loss(config))(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -239,7 +282,7 @@ def init_state(config: TrainConfig):
     keys = [seed_keys(s) for s in config.seeds]
     init_keys = jnp.stack([k[0] for k in keys])
     data_keys = jnp.stack([k[1] for k in keys])
-    params = jax.vmap(lambda k: init_params(k, config.model))(init_keys)
+    params = jax.vmap(lambda k: init_model(k, config.model))(init_keys)
     opt_state = jax.vmap(make_optimizer(config).init)(params)
     return params, opt_state, data_keys
 
@@ -253,7 +296,16 @@ def train(config: TrainConfig, workdir: str | os.PathLike | None = None, *, prog
     a later call resumes from the checkpoint. ``on_chunk(step, params)`` is called after every chunk (params with
     the seed axis), e.g. to record metrics over training; a KeyboardInterrupt raised there (or anywhere in the loop)
     writes a checkpoint at the last finished chunk before propagating. Returns a :class:`TrainResult`.
+
+    Refused before any work: a ``workdir`` that is a file or cannot be created, and a run whose arrays cannot fit in
+    this machine's memory (:func:`check_train_memory`). A very deep unrolled model warns that it compiles for long.
     """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be an iclgd_synth.TrainConfig, got {type(config).__name__}")
+    if workdir is not None:
+        _prepare_workdir(Path(workdir))
+    check_train_memory(config)
+    _warn_if_slow_compile(config)
     params, opt_state, data_keys = init_state(config)
     losses = np.full((len(config.seeds), config.n_steps), np.nan, np.float32)
     start, seconds, timed_from = 0, 0.0, 0
@@ -298,6 +350,64 @@ def train(config: TrainConfig, workdir: str | os.PathLike | None = None, *, prog
                        timed_steps=start - timed_from)
 
 
+#: Distinct (unrolled) layers above which compiling the training step is expected to take long (about 0.3 s per
+#: layer measured on a 2-core CPU: 64 layers compiled in 27 s).
+SLOW_COMPILE_LAYERS = 100
+
+
+def _prepare_workdir(path: Path) -> None:
+    """Create the checkpoint folder now, so that a bad ``workdir`` fails before training rather than at the first
+    checkpoint."""
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"workdir {str(path)!r} is a file; give a folder for the checkpoints (or "
+                                 "workdir=None for none)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except PermissionError as e:
+        raise PermissionError(f"cannot create workdir {str(path)!r}: {e.strerror}; give a writable folder") from e
+    except OSError as e:  # a parent that is a file, ...
+        raise NotADirectoryError(f"cannot create workdir {str(path)!r}: {e.strerror}; give a folder for the "
+                                 "checkpoints") from e
+    if not os.access(path, os.W_OK):
+        raise PermissionError(f"workdir {str(path)!r} is not writable; give a writable folder for the checkpoints")
+
+
+def train_step_bytes(config: TrainConfig) -> int:
+    """A lower bound on the memory of one training step, all seeds: the sampled tasks and, per layer application, the
+    tokens kept for the backward pass (about three (T, D) arrays per task), plus the task pool."""
+    model, task = config.model, config.task
+    itemsize = 4
+    if isinstance(model, ModelConfig):
+        tokens, width = task.n_context + 1, model.token_dim
+        hidden = (model.mlp_width or 4 * width) if model.mlp else 0
+    else:  # the GPT-style model: 2 N + 1 tokens of width d_model
+        tokens, width = 2 * task.n_context + 1, int(getattr(model, "d_model", task.dim + task.out_dim))
+        hidden = int(getattr(model, "mlp_ratio", 0)) * width
+    per_task = sample_bytes(task, 1) + tokens * (3 * width + hidden) * itemsize * model.n_layers
+    return len(config.seeds) * config.batch_size * per_task + pool_bytes(task)
+
+
+def check_train_memory(config: TrainConfig) -> None:
+    """Refuse, before anything is initialised, a run whose per-step loss array (seeds x n_steps float32) or whose
+    training step cannot fit in this machine's memory (MemoryError naming the parameter, with the estimate)."""
+    s = len(config.seeds)
+    check_memory(f"n_steps = {config.n_steps} for {s} seed{'s' * (s > 1)} (the per-step loss array, seeds x n_steps "
+                 "float32)", 4 * s * config.n_steps, "train for fewer n_steps")
+    check_memory(f"batch_size = {config.batch_size} tasks x {s} seed{'s' * (s > 1)} (one training step of a "
+                 f"{config.model.n_layers}-layer model on N = {config.task.n_context}, d = {config.task.dim})",
+                 train_step_bytes(config), "use a smaller batch_size or fewer seeds per run")
+
+
+def _warn_if_slow_compile(config: TrainConfig) -> None:
+    model = config.model
+    if isinstance(model, ModelConfig) and not model.recurrent and model.n_layers > SLOW_COMPILE_LAYERS:
+        minutes = 0.3 * model.n_layers / 60
+        warn_slow_compile(f"n_layers = {model.n_layers} separate layers: the training step is compiled with every "
+                          f"layer unrolled, which takes long before the first step (roughly 0.3 s per layer on a "
+                          f"2-core CPU: about {minutes:.1f} min); recurrent=True loops one layer and compiles in "
+                          "seconds", stacklevel=4)
+
+
 def _check_finite(chunk_losses: np.ndarray, start: int, config: TrainConfig) -> None:
     bad = ~np.isfinite(chunk_losses)
     if bad.any():
@@ -306,15 +416,20 @@ def _check_finite(chunk_losses: np.ndarray, start: int, config: TrainConfig) -> 
             f"training diverged: loss is {chunk_losses[seed_idx, step_idx]} at step {start + int(step_idx)} "
             f"(seed {config.seeds[int(seed_idx)]}). Try a smaller lr (now {config.lr}), gradient clipping "
             f"(clip_norm, now {config.clip_norm}), clipping token values (model clip=10 for deep models) or a "
-            f"smaller init_scale (now {config.model.init_scale}).")
+            f"smaller init scale (now {getattr(config.model, 'init_scale', getattr(config.model, 'init_std', None))}).")
 
 
 def _progress_bar(config: TrainConfig, start: int, enabled: bool):
-    if not enabled:
+    """A bar over the steps still to do (none when every step is done). Until the first chunk returns it says that
+    the step is being compiled, so a long first wait does not read as a bar stuck at its start."""
+    if not enabled or start >= config.n_steps:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=config.n_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    desc = "train" if start == 0 else f"train (resumed at step {start})"
+    bar = tqdm(total=config.n_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True, miniters=1)
+    bar.set_postfix_str("compiling the training step...")
+    return bar
 
 
 def save_checkpoint(path: Path, config: TrainConfig, params, opt_state, step: int, losses: np.ndarray,

@@ -183,3 +183,24 @@ def test_warmup_cosine_schedule_with_weight_decay_trains_and_lowers_the_loss():
     result = train(cfg, progress=False)
     first, last = result.losses[0, :15].mean(), result.losses[0, -15:].mean()
     assert np.isfinite(last) and last < 0.8 * first, (first, last)
+
+
+def test_the_trainer_trains_the_gpt_style_model_on_every_position(tmp_path):
+    objective = "next_token"  # the ICL objective shares the code path but the loss (tested in test_gpt.py)
+    from iclgd_synth.gpt import GPTConfig, GPTParams
+
+    cfg = TrainConfig(task=TaskConfig(dim=3, n_context=4, x_dist="normal"), objective=objective, lr=3e-3,
+                      model=GPTConfig(dim=3, n_context=4, d_model=16, n_layers=1, n_heads=2), batch_size=64,
+                      n_steps=40, chunk_steps=20, checkpoint_every=20)
+    result = train(cfg, tmp_path, progress=False)
+    assert isinstance(result.seed_params(0), GPTParams) and np.all(np.isfinite(result.losses))
+    assert result.losses[0, -10:].mean() < result.losses[0, :10].mean()
+    again = train(cfg, tmp_path, progress=False)  # resumes from the finished checkpoint: same parameters
+    chex.assert_trees_all_equal(again.params, result.params)
+
+
+def test_next_token_objective_needs_a_gpt_model():
+    with pytest.raises(ValueError, match="objective='next_token' needs a GPT-style model"):
+        TINY.replace(objective="next_token")
+    with pytest.raises(ValueError, match="objective must be one of"):
+        TINY.replace(objective="every")
