@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import iclgd_synth as ic
 from iclgd_synth.critiques import causality as CA
 from iclgd_synth.critiques import finetune as F
+from iclgd_synth.reports.causal import layers_text
 
 
 @jax.jit
@@ -45,7 +46,7 @@ def test_forward_order_adapter_finetuning_reproduces_the_hand_gd_layers(x64, d, 
     k = u["icl"].shape[0]
     w_prev = np.zeros((6, d))
     for l in range(k):
-        w_l = np.asarray(ic.gd_weights(batch, eta, l + 1))[:, 0]
+        w_l = np.asarray(ic.GD(eta=eta, steps=l + 1).weights(batch))[:, 0]
         step = np.einsum("bd,bd->b", w_l - w_prev, np.asarray(batch.x_query))
         np.testing.assert_allclose(u["icl"][l][:, d], -step, atol=1e-10 * max(1.0, scale))
         w_prev = w_l
@@ -165,8 +166,9 @@ def test_hand_control_names_the_exactly_reproduced_layers(x64):
     assert r["exact_layers"] == {"standard": [1], "layer_causal": [1], "forward_order": [1, 2, 3],
                                  "gd_steps": [1, 2, 3]}
     assert r["gd_steps"]["simaou"] == pytest.approx([1.0, 1.0, 1.0], abs=1e-12)
-    assert CA._layers_text(r["exact_layers"]["forward_order"], 3) == "every layer (1-3)"
-    assert CA._layers_text(r["exact_layers"]["standard"], 3) == "layer 1 only"
+    assert layers_text(r["exact_layers"]["forward_order"], 3) == "every layer (1-3)"
+    assert layers_text(r["exact_layers"]["standard"], 3) == "layer 1 only"
+    assert layers_text([2], 3) == "layer 2 only" and layers_text([], 2) == "no layer"
 
 
 def test_compare_to_standard_counts_nan_cells_apart():
@@ -179,11 +181,10 @@ def test_compare_to_standard_counts_nan_cells_apart():
 
 def test_layer_causal_count_is_not_helped_by_the_forward_order_variant():
     # Forward order beats standard everywhere, layer-causal nowhere: the layer-causal count must be 0, not 4.
-    study = CA.CausalStudy(ft_steps=(1,))
     sims = {"standard": [0.5, 0.5], "layer_causal": [0.4, float("nan")], "forward_order": [0.9, 0.9]}
     entry = {"alignment": {f"{ps}|1|{m}": {"simaou": v} for ps in F.PARAM_SETS for m, v in sims.items()},
              "gd_steps": {"simaou": [1.0, float("nan")]}}
-    out = CA._comparisons({"2": entry}, study)
+    out = CA.comparisons({"2": entry}, ft_steps=(1,))
     assert out["layer_causal_vs_standard"]["all"] == {"wins": 0, "losses": 2, "ties": 0, "undefined": 2, "cells": 4}
     assert out["forward_order_vs_standard"]["all"]["wins"] == 4
     means = out["mean_simaou_by_depth"]["2"]

@@ -43,32 +43,26 @@ fine-tuning, one step of size eta from A = 0:
   input) and every adapter becomes the *first* step's update, which is right at layer 1 and wrong from layer 2 on
   (there GD's step acts on the residuals y_i - w_(l-1) x_i).
 
-The study measures all of this, the report lists per variant the layers reproduced exactly, and the tests check it
-in float64.
+The ``causal`` study (:mod:`iclgd_synth.studies.causal`) measures all of this with :func:`evaluate_model`,
+:func:`hand_control` and :func:`comparisons`; its report (:mod:`iclgd_synth.reports.causal`) lists per variant the
+layers reproduced exactly, and the tests check it in float64.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import time
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 
 from iclgd_synth.constructions import gd_params
-from iclgd_synth.critiques import _common as C
 from iclgd_synth.critiques import alignment as A
 from iclgd_synth.critiques import finetune as F
-from iclgd_synth.learners import gd_weights, tune_gd
+from iclgd_synth.learners import GD
 from iclgd_synth.metrics import loss as model_loss
-from iclgd_synth.model import ModelConfig, TransformerParams
-from iclgd_synth.studies.rundir import finish_run
-from iclgd_synth.tasks import TASK_PRESETS, TaskBatch, TaskConfig, sample
-from iclgd_synth.train import TrainConfig
-
-TUNE_SEED, EVAL_SEED = 8_000_009, 9_000_011
+from iclgd_synth.model import TransformerParams
+from iclgd_synth.precision import to_float64
+from iclgd_synth.tasks import TaskBatch
 
 
 def per_layer_alignment(params: TransformerParams, batch: TaskBatch, tuned: F.ZeroShotModel,
@@ -126,7 +120,7 @@ def gd_step_updates(batch: TaskBatch, eta: float, n_layers: int) -> np.ndarray:
     xq = np.asarray(batch.x_query, np.float64)
     steps = []
     for l in range(1, n_layers + 1):
-        w_l = np.asarray(gd_weights(batch, eta, l), np.float64)
+        w_l = np.asarray(GD(eta=eta, steps=l).weights(batch), np.float64)
         pred_change = np.einsum("bod,bd->bo", w_l - w_prev, xq)
         steps.append(np.concatenate([np.zeros_like(xq), -pred_change], axis=-1))
         w_prev = w_l
@@ -191,17 +185,43 @@ def compare_to_standard(standard: Any, other: Any, *, tie_tol: float = 1e-12) ->
             "ties": int(np.sum(ok & (np.abs(diff) <= tie_tol))), "undefined": int(np.sum(~ok)), "cells": int(s.size)}
 
 
-def _comparisons(models: Mapping[str, Any], study: "CausalStudy") -> dict[str, Any]:
+def evaluate_model(params: TransformerParams, tune_batch: TaskBatch, test: TaskBatch, gd_eta: float, *,
+                   ft_steps: Sequence[int], lr_grid: Sequence[float]) -> dict[str, Any]:
+    """Layer causality of one trained model (call inside :func:`iclgd_synth.precision.float64`; the parameters are
+    converted to float64): its ICL loss on ``test``, its per-layer alignment with the explicit GD steps of step
+    ``gd_eta`` (``"gd_steps"``), and per fine-tuned parametrisation, number of steps and mode
+    (``"alignment"["<param_set>|<steps>|<mode>"]``) the :func:`per_layer_alignment` of the zero-shot copy fine-tuned
+    on each test task with the step size tuned on ``tune_batch`` from ``lr_grid`` (key ``"lr"``); standard
+    fine-tuning also gets the random-direction baseline."""
+    d = test.dim
+    p64 = to_float64(params)
+    zs = F.zero_shot_copy(p64, d)
+    entry: dict[str, Any] = {"icl_loss": model_loss(p64, test), "alignment": {},
+                             "gd_steps": gd_step_alignment(p64, test, gd_eta)}
+    for param_set in F.PARAM_SETS:
+        for steps in ft_steps:
+            for mode in F.MODES:
+                lr, _ = F.tune_lr(zs, tune_batch, param_set=param_set, mode=mode, steps=steps, grid=lr_grid)
+                tuned = F.finetune(zs, test, lr, param_set=param_set, mode=mode, steps=steps)
+                base = (F.random_like_update(jax.random.PRNGKey(steps), tuned, zs, param_set)
+                        if mode == "standard" else None)
+                r = per_layer_alignment(p64, test, tuned, base)
+                r["lr"] = lr
+                entry["alignment"][f"{param_set}|{steps}|{mode}"] = r
+    return entry
+
+
+def comparisons(models: Mapping[str, Any], ft_steps: Sequence[int]) -> dict[str, Any]:
     """Layer-causal vs standard and forward-order vs standard, cell by cell (depth, parametrisation, steps, layer),
     overall and per depth; and the per-depth mean SimAOU (over the finite cells) of every variant and of the
-    explicit GD steps."""
+    explicit GD steps. ``models`` maps a depth to an :func:`evaluate_model` entry."""
     out: dict[str, Any] = {}
     for variant in ("layer_causal", "forward_order"):
         by_depth, all_s, all_o = {}, [], []
         for k, entry in models.items():
             s_k, o_k = [], []
             for ps in F.PARAM_SETS:
-                for st in study.ft_steps:
+                for st in ft_steps:
                     s_k += entry["alignment"][f"{ps}|{st}|standard"]["simaou"]
                     o_k += entry["alignment"][f"{ps}|{st}|{variant}"]["simaou"]
             by_depth[k] = compare_to_standard(s_k, o_k)
@@ -212,7 +232,7 @@ def _comparisons(models: Mapping[str, Any], study: "CausalStudy") -> dict[str, A
     for k, entry in models.items():
         row = {}
         for mode in F.MODES:
-            vals = np.array([v for ps in F.PARAM_SETS for st in study.ft_steps
+            vals = np.array([v for ps in F.PARAM_SETS for st in ft_steps
                              for v in entry["alignment"][f"{ps}|{st}|{mode}"]["simaou"]], np.float64)
             row[mode] = float(np.mean(vals[np.isfinite(vals)])) if np.isfinite(vals).any() else float("nan")
             row[f"{mode}_undefined"] = int(np.sum(~np.isfinite(vals)))
@@ -221,302 +241,3 @@ def _comparisons(models: Mapping[str, Any], study: "CausalStudy") -> dict[str, A
         means[k] = row
     out["mean_simaou_by_depth"] = means
     return out
-
-
-@dataclasses.dataclass(frozen=True)
-class CausalStudy:
-    """Settings of the layer-causality study.
-
-    Attributes:
-      task: task law (default: the reference paper's d = N = 10, x ~ U(-0.5, 0.5)).
-      depths: layers K of the trained deep LSA models. Default (2, 3, 5).
-      include_query: train the models with the query as a key (needed for fine-tuning W_K, W_V of a zero-shot
-        copy to do anything). Default True.
-      n_tasks: evaluation tasks. Default 1000.
-      tune_tasks: tasks for tuning the fine-tuning step sizes and GD's eta. Default 500.
-      ft_steps: numbers of fine-tuning GD steps. Default (1, 10).
-      lr_grid: candidate fine-tuning step sizes (log-spaced). Default 10^(-2 .. 3), 11 values.
-      train_steps, train_batch: training (AdamW, clip 10). Default 4000 steps of 512 tasks.
-      lr, lr_deep: training learning rate for K <= 2 and K >= 3 (the reference paper's 1e-3 and 5e-4).
-      token_clip: token clipping of the deep models (K >= 3). Default 10.
-      seed: training seed. Default 0.
-    """
-
-    task: TaskConfig = TASK_PRESETS["vonoswald"]
-    depths: tuple[int, ...] = (2, 3, 5)
-    include_query: bool = True
-    n_tasks: int = 1000
-    tune_tasks: int = 500
-    ft_steps: tuple[int, ...] = (1, 10)
-    lr_grid: tuple[float, ...] = tuple(float(v) for v in np.logspace(-2, 3, 11))
-    train_steps: int = 4000
-    train_batch: int = 512
-    lr: float = 1e-3
-    lr_deep: float = 5e-4
-    token_clip: float = 10.0
-    seed: int = 0
-
-    def quick(self) -> "CausalStudy":
-        return dataclasses.replace(self, depths=(2,), n_tasks=150, tune_tasks=150, ft_steps=(2,),
-                                   lr_grid=tuple(float(v) for v in np.logspace(-1, 2, 4)), train_steps=100,
-                                   train_batch=128)
-
-    def config_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["task"] = self.task.to_dict()
-        return d
-
-    def model(self, k: int) -> ModelConfig:
-        return ModelConfig(dim=self.task.dim, n_layers=k, include_query=self.include_query,
-                           clip=self.token_clip if k >= 3 else None)
-
-
-def run(quick: bool = False, root: str = "runs", force: bool = False, progress: bool = True, **overrides) -> Path:
-    """The ``causal`` study; returns the run directory."""
-    study = CausalStudy()
-    study = C.apply_overrides(study.quick() if quick else study, overrides)
-    return run_study(study, root, force=force, progress=progress)
-
-
-def run_study(study: CausalStudy, root: str = "runs", *, force: bool = False, progress: bool = True,
-              name: str = "causal") -> Path:
-    out, done = C.prepare_run(root, name, study.config_dict(), force)
-    if done:
-        return out
-    t_start = time.perf_counter()
-    task = study.task
-    trained: dict[int, TransformerParams] = {}
-    curves: dict[str, np.ndarray] = {}
-    train_seconds: dict[int, float] = {}
-    for k in study.depths:
-        cfg = TrainConfig(task=task, model=study.model(k), batch_size=study.train_batch, n_steps=study.train_steps,
-                          lr=study.lr if k <= 2 else study.lr_deep, seeds=(study.seed,),
-                          chunk_steps=min(250, study.train_steps), checkpoint_every=1000, eval_batch=1000)
-        result = C.train_model(cfg, out / f"ckpt_{k}", progress)
-        trained[k], train_seconds[k] = result.seed_params(0), result.train_seconds
-        curves[f"LSA, {k} layers"] = result.losses
-
-    with jax.enable_x64(True):
-        results = _evaluate(study, trained)
-    for k in study.depths:
-        results["models"][str(k)]["train_seconds"] = train_seconds[k]
-    results["total_seconds"] = time.perf_counter() - t_start
-    figures = _figures(out, study, results, curves)
-    return finish_run(out, name, _report(study, results, figures), results)
-
-
-def _evaluate(study: CausalStudy, trained: Mapping[int, TransformerParams]) -> dict[str, Any]:
-    task = study.task
-    d, n = task.dim, task.n_context
-    tune_batch = sample(jax.random.PRNGKey(TUNE_SEED), task, study.tune_tasks)
-    test = sample(jax.random.PRNGKey(EVAL_SEED), task, study.n_tasks)
-    gd_eta = {k: tune_gd(tune_batch, k).eta for k in study.depths}
-    models: dict[str, Any] = {}
-    for k, params in trained.items():
-        p64 = C.to_float64(params)
-        zs = F.zero_shot_copy(p64, d)
-        entry: dict[str, Any] = {"icl_loss": model_loss(p64, test), "alignment": {},
-                                 "gd_steps": gd_step_alignment(p64, test, gd_eta[k])}
-        for param_set in F.PARAM_SETS:
-            for steps in study.ft_steps:
-                for mode in F.MODES:
-                    lr, _ = F.tune_lr(zs, tune_batch, param_set=param_set, mode=mode, steps=steps,
-                                      grid=study.lr_grid)
-                    tuned = F.finetune(zs, test, lr, param_set=param_set, mode=mode, steps=steps)
-                    base = (F.random_like_update(jax.random.PRNGKey(steps), tuned, zs, param_set)
-                            if mode == "standard" else None)
-                    r = per_layer_alignment(p64, test, tuned, base)
-                    r["lr"] = lr
-                    entry["alignment"][f"{param_set}|{steps}|{mode}"] = r
-        models[str(k)] = entry
-    hand = {str(k): {"eta": gd_eta[k], **hand_control(d, k, gd_eta[k], test, n)} for k in study.depths}
-    return {"models": models, "hand_control": hand, "comparisons": _comparisons(models, study)}
-
-
-def _figures(out: Path, study: CausalStudy, results: dict, curves: Mapping[str, np.ndarray]) -> dict[str, str]:
-    import matplotlib.pyplot as plt
-
-    figs = {}
-    combos = [(ps, s) for ps in F.PARAM_SETS for s in study.ft_steps]
-    ks = list(results["models"])
-    fig, axes = plt.subplots(len(ks), len(combos), figsize=(3.6 * len(combos), 2.9 * len(ks)), squeeze=False)
-    for i, k in enumerate(ks):
-        al = results["models"][k]["alignment"]
-        for j, (ps, s) in enumerate(combos):
-            ax = axes[i][j]
-            for c, mode in enumerate(F.MODES):
-                v = al[f"{ps}|{s}|{mode}"]["simaou"]
-                ax.plot(range(1, len(v) + 1), v, marker="o", color=f"C{c}", label=mode)
-            gd = results["models"][k]["gd_steps"]["simaou"]
-            ax.plot(range(1, len(gd) + 1), gd, ls="--", marker="x", color="k", label="explicit GD step l")
-            rnd = al[f"{ps}|{s}|standard"].get("simaou_random_direction")
-            if rnd:
-                ax.plot(range(1, len(rnd) + 1), rnd, ls=":", color="grey", label="random direction")
-            ax.axhline(0, color="k", lw=0.5)
-            ax.set_ylim(-1.05, 1.05)
-            ax.set_title(f"K = {k}: FT of {ps}, {s} step{'s' * (s > 1)}", fontsize=9)
-            ax.set_xlabel("layer")
-            ax.set_xticks(range(1, int(k) + 1))
-            if j == 0:
-                ax.set_ylabel("SimAOU")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "simaou_per_layer.png", dpi=110)
-    plt.close(fig)
-    figs["simaou_per_layer"] = "simaou_per_layer.png"
-    hc = results["hand_control"]
-    series = {f"K = {k}, {mode}": v[mode]["rel_distance"] for k, v in hc.items() for mode in (*F.MODES, "gd_steps")}
-    kmax = max(len(v) for v in series.values())
-    padded = {name: list(v) + [np.nan] * (kmax - len(v)) for name, v in series.items()}
-    figs["hand_control"] = C.line_chart(out / "hand_control.png", list(range(1, kmax + 1)), padded, xlabel="layer",
-                                        ylabel="||h_FT - h_ICL|| / ||h_ICL - h_ZSL||", logy=True, floor=1e-17,
-                                        title="Hand GD model vs adapter FT (1 step of eta) and GD steps")
-    figs["training"] = C.loss_curves(out / "training.png", curves, title="Training loss of the deep LSA models")
-    return figs
-
-
-def _layer_means(results: dict, study: CausalStudy) -> list[list]:
-    rows = []
-    for k, entry in results["models"].items():
-        for ps in F.PARAM_SETS:
-            for s in study.ft_steps:
-                rows.append([k, ps, s] + [float(np.nanmean(entry["alignment"][f"{ps}|{s}|{m}"]["simaou"]))
-                                          for m in F.MODES])
-    return rows
-
-
-_LABEL = {"standard": "standard", "layer_causal": "layer-causal (simultaneous)",
-          "forward_order": "layer-causal, forward order", "gd_steps": "explicit GD step l"}
-
-
-def _layers_text(layers: list[int], k: int) -> str:
-    if layers == list(range(1, k + 1)):
-        return f"every layer (1-{k})" if k > 1 else "layer 1"
-    if not layers:
-        return "no layer"
-    return "layer" + "s" * (len(layers) > 1) + " " + ", ".join(map(str, layers)) + " only"
-
-
-def _counts_text(c: Mapping[str, int]) -> str:
-    return (f"{c['wins']} of {c['cells']} cells (loses {c['losses']}, ties {c['ties']}, undefined (NaN) "
-            f"{c['undefined']})")
-
-
-def _report(study: CausalStudy, results: dict, figures: Mapping[str, str]) -> str:
-    t = study.task
-    lines = [
-        "# Layer causality: ICL's per-layer updates vs standard and layer-causal fine-tuning", "",
-        "Claim tested (\"In-context Learning and Gradient Descent Revisited\"): ICL at layer l only uses layers <= l, "
-        "so a layer-causal variant of fine-tuning (detached layer inputs, a read-out after every layer, the sum of "
-        "per-layer losses) should align better with ICL than standard fine-tuning.", "",
-        f"Tasks: d = {t.dim}, N = {t.n_context}, x ~ {t.x_dist} (half-width {t.x_range}); {study.n_tasks} evaluation "
-        f"and {study.tune_tasks} tuning tasks. Models: deep LSA with K in {list(study.depths)} layers, query "
-        f"{'is' if study.include_query else 'is not'} a key, trained {study.train_steps} steps of "
-        f"{study.train_batch} tasks (AdamW lr {study.lr} for K <= 2, {study.lr_deep} above, token clip "
-        f"{study.token_clip} for K >= 3). Evaluation in float64. Definitions: module docstring of "
-        "`iclgd_synth.critiques.causality` (SimAOU per layer on the query's update; FT = GD on the demonstrations "
-        "of a zero-shot copy's W_K, W_V (\"attention\") or per-layer adapters (\"adapters\"); step sizes tuned per "
-        "variant). Variants: *standard* (final read-out loss, gradients through all layers); *layer-causal* (the "
-        "issue's definition: each layer's input detached, a read-out after every layer, loss = sum of the per-layer "
-        "losses, all layers updated together); *forward order* (layer-causal, the layers tuned one after the other). "
-        "*Explicit GD step l*: the l-th step of K-step GD on the in-context loss (eta tuned for K steps), as the "
-        "query-token update g^l = (0, -(w_l - w_(l-1)) x_q), compared with the ICL change h_ICL - h_ZSL.", "",
-        "## Hand-constructed K-layer GD model (exact control)", "",
-        "Adapter fine-tuning with one step of size eta, and the explicit GD steps. Per layer: relative distance "
-        "||h_ref - h_ICL|| / ||h_ICL - h_ZSL|| (0 = identical; h_ZSL = 0 here: a lone query has no key) and SimAOU "
-        "(every update has only a y-entry, so SimAOU per task is a sign).", ""]
-    rows = []
-    for k, v in results["hand_control"].items():
-        for name in (*F.MODES, "gd_steps"):
-            rows.append([k, _LABEL[name], ", ".join(C.fmt(x, 3) for x in v[name]["rel_distance"]),
-                         ", ".join(C.fmt(x, 3) for x in v[name]["simaou"]), max(v[name]["max_abs_diff"]),
-                         _layers_text(v["exact_layers"][name], int(k))])
-    lines += [C.table(["K", "compared with ICL", "relative distance per layer", "SimAOU per layer",
-                       "max abs difference (all layers)", "layers reproduced exactly"], rows)]
-    lines += ["Measured, per depth: " + "; ".join(
-        f"K = {k}: " + ", ".join(f"{_LABEL[m]} reproduces {_layers_text(v['exact_layers'][m], int(k))}"
-                                 for m in (*F.MODES, "gd_steps"))
-        for k, v in results["hand_control"].items()) + ".", "",
-        "Why: the hand model's layer l adds the l-th GD step, -(w_l - w_(l-1)) x_q, to the query's y-entry, so it "
-        "equals the explicit GD step l at every layer (SimAOU 1, error at float64 rounding). *Forward-order* "
-        "layer-causal fine-tuning reproduces every layer: adapter l is tuned after adapters < l are final, on layer "
-        "l's own read-out loss, so its input on each demonstration already carries the first l - 1 GD steps and its "
-        "one step of size eta is GD's l-th step. *Standard* and *simultaneous layer-causal* fine-tuning reproduce "
-        "layer 1 only: every adapter takes its one step at A = 0, where all layers are the identity, so each sees "
-        "the raw demonstrations and becomes the *first* GD step's update (standard: the final loss's gradient passes "
-        "unchanged through identity layers; layer-causal: each layer's own loss at an identity input). Being "
-        "layer-causal is therefore not enough for an exact match; what matters is that layer l is fitted to the "
-        "residuals left by layers < l, which only the forward order does in one step.", "",
-        "## Trained models", ""]
-    summary_rows = []
-    for k, entry in results["models"].items():
-        gd = entry["gd_steps"]
-        lines += [f"### K = {k} (ICL loss {C.fmt(entry['icl_loss'])}, trained in "
-                  f"{C.fmt(entry.get('train_seconds', float('nan')), 3)} s)", "",
-                  f"Against the explicit GD steps (eta = {C.fmt(gd['eta'])}, tuned for {k} steps):", "",
-                  C.table(["layer", "SimAOU_GD", "± sem", "rel. distance ||(h_ICL - h_ZSL) - g|| / ||g||",
-                           "max abs difference"],
-                          [[l + 1, gd["simaou"][l], gd["simaou_sem"][l], gd["rel_distance"][l], gd["max_abs_diff"][l]]
-                           for l in range(len(gd["simaou"]))]),
-                  "Against fine-tuning:", ""]
-        rows = []
-        for key, r in entry["alignment"].items():
-            ps, s, mode = key.split("|")
-            ft_loss = C.fmt(r["ft_query_loss"]) + (f" ({r['ft_diverged']} diverged)" if r["ft_diverged"] else "")
-            rows.append([ps, s, mode, r["lr"], ft_loss,
-                         ", ".join(C.fmt(x, 3) for x in r["simaou"]),
-                         ", ".join(C.fmt(x, 3) for x in r.get("simaou_random_direction", [])),
-                         ", ".join(C.fmt(x, 3) for x in r["rel_distance"]),
-                         ", ".join(C.fmt(x, 3) for x in r["simam_delta"]),
-                         ", ".join(C.fmt(x, 3) for x in r.get("simam_delta_random_direction", []))])
-        lines += [C.table(["FT of", "steps", "mode", "lr", "FT query loss", "SimAOU per layer",
-                           "SimAOU random dir. per layer", "rel. distance per layer", "SimAM_delta per layer",
-                           "SimAM_delta random dir. per layer"], rows)]
-        for ps in F.PARAM_SETS:
-            for s in study.ft_steps:
-                std = entry["alignment"][f"{ps}|{s}|standard"]["simaou"]
-                lc = entry["alignment"][f"{ps}|{s}|layer_causal"]["simaou"]
-                fo = entry["alignment"][f"{ps}|{s}|forward_order"]["simaou"]
-                for l in range(len(std)):
-                    vals = {"standard": std[l], "layer-causal": lc[l], "forward order": fo[l]}
-                    finite = {m: v for m, v in vals.items() if np.isfinite(v)}
-                    best = max(finite, key=finite.get) if finite else "n/a"
-                    summary_rows.append([k, ps, s, l + 1, std[l], lc[l], fo[l], best, gd["simaou"][l]])
-    cmp_ = results["comparisons"]
-    lc_c, fo_c = cmp_["layer_causal_vs_standard"], cmp_["forward_order_vs_standard"]
-    lines += ["## Which fine-tuning aligns better, per layer (SimAOU)", "",
-              C.table(["K", "FT of", "steps", "layer", "standard", "layer-causal", "forward order",
-                       "best fine-tuning", "explicit GD step l"], summary_rows),
-              "Cells are (model, parametrisation, steps, layer); a win needs a SimAOU higher by more than 1e-12, and a "
-              "cell where either value is NaN is counted as undefined, never as a win or a loss.", "",
-              f"- Layer-causal (the issue's definition) beats standard fine-tuning in {_counts_text(lc_c['all'])}; "
-              "per depth: " + "; ".join(f"K = {k}: {c['wins']}/{c['cells']} (loses {c['losses']}, undefined "
-                                        f"{c['undefined']})" for k, c in lc_c["by_depth"].items()) + ".",
-              f"- Forward-order layer-causal (reported separately) beats standard in {_counts_text(fo_c['all'])}; "
-              "per depth: " + "; ".join(f"K = {k}: {c['wins']}/{c['cells']} (loses {c['losses']}, undefined "
-                                        f"{c['undefined']})" for k, c in fo_c["by_depth"].items()) + ".", "",
-              "Mean SimAOU per depth (over layers, parametrisations and step counts; NaN cells left out and counted):",
-              "",
-              C.table(["K", "standard", "layer-causal", "forward order", "explicit GD step l",
-                       "NaN cells (std / lc / fo)"],
-                      [[k, m["standard"], m["layer_causal"], m["forward_order"], m["explicit_gd_steps"],
-                        f"{m['standard_undefined']} / {m['layer_causal_undefined']} / {m['forward_order_undefined']}"]
-                       for k, m in cmp_["mean_simaou_by_depth"].items()]),
-              "Mean SimAOU over layers, per parametrisation and number of steps:", "",
-              C.table(["K", "FT of", "steps", "standard", "layer-causal", "forward order"],
-                      _layer_means(results, study)),
-              "Notes:", "",
-              "- SimAM_delta is computed on the query's score on itself (the only key ICL, ZSL and FT share), across "
-              "tasks. It is undefined (n/a) at layer 1: the score depends only on the token entering the layer, which "
-              "is (x_q, 0) with and without demonstrations, so m_ICL - m_ZSL = 0 there. From layer 2 on the "
-              "demonstrations have changed the query token through layer 1, and the change is defined. Its random "
-              "baseline uses the same random-direction copies as SimAOU's.",
-              "- With one fine-tuning step from the zero-shot copy, standard and simultaneous layer-causal "
-              "fine-tuning differ only through the later layers' Jacobians on a lone token, which are close to the "
-              "identity; they separate with more steps.",
-              "- The explicit GD reference uses the same eta for all layers (K-step GD tuned on the tuning tasks); "
-              "SimAOU_GD is scale-free, so a trained model that takes GD-like steps of a different size still scores "
-              "1.", "",
-              "## Figures", ""] + [f"![{k}]({v})" for k, v in figures.items()]
-    lines += ["", f"Total time: {results['total_seconds']:.1f} s.", ""]
-    return "\n".join(lines)

@@ -225,9 +225,11 @@ def layer_updates(tokens_KxBxD: Array, first_BxD: Array) -> Array:
     return tokens_KxBxD - prev
 
 
+@functools.partial(jax.jit, static_argnames=("param_set",))
 def random_like_update(key: Array, tuned: ZeroShotModel, base: ZeroShotModel, param_set: str) -> ZeroShotModel:
     """Per task, ``base`` moved in a random Gaussian direction with the same norm, leaf by leaf, as the fine-tuning
-    update ``tuned - base`` (the random-direction baseline)."""
+    update ``tuned - base`` (the random-direction baseline). Jitted: one compilation per parametrisation instead of
+    one per eager operation and leaf shape."""
     b = jax.tree.leaves(tuned.adapters)[0].shape[0]
     base_b = jax.tree.map(lambda a: jnp.broadcast_to(a, (b,) + a.shape), base)
     th_t, th_0 = select_params(tuned, param_set), select_params(base_b, param_set)
