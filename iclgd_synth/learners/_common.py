@@ -10,6 +10,7 @@ outer jit / vmap the core is inlined (hyper-parameters may then be tracers, whos
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -110,20 +111,24 @@ class Learner:
 
     def weights(self, batch: TaskBatch) -> Array:
         learner, batch = self._prepare(batch)
-        return _jit_solve(learner, batch)
+        return _jit_solve(type(learner), learner, batch)
 
     def __call__(self, batch: TaskBatch) -> Array:
         learner, batch = self._prepare(batch)
-        return _jit_readout(learner, batch)
+        return _jit_readout(type(learner), learner, batch)
 
 
-@jax.jit
-def _jit_solve(learner: Learner, batch: TaskBatch) -> Array:
+# The class is a static argument: two learner classes whose pytrees have the same fields (e.g. two without any)
+# can compare equal as tree structures, and jit would then reuse one class's compiled program for the other.
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_solve(kind: type, learner: Learner, batch: TaskBatch) -> Array:
+    del kind
     return learner.solve(batch)
 
 
-@jax.jit
-def _jit_readout(learner: Learner, batch: TaskBatch) -> Array:
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_readout(kind: type, learner: Learner, batch: TaskBatch) -> Array:
+    del kind
     return learner.readout(batch)
 
 
