@@ -29,9 +29,9 @@ import numpy as np
 
 from iclgd_synth import attention as attn
 from iclgd_synth.shapes import Array, PRNGKey
-from iclgd_synth.tasks import TaskBatch, validate_batch
+from iclgd_synth.tasks import TaskBatch, check_dtype, validate_batch
 from iclgd_synth.tokens import LAYOUTS, build_tokens, n_context_tokens, read_out
-from iclgd_synth.validation import check_choice, check_float, check_int
+from iclgd_synth.validation import check_choice, check_float, check_int, check_key
 
 ATTENTION_KINDS = ("linear", "softmax")
 
@@ -74,6 +74,9 @@ class Arch:
         if self.momentum is not None:
             check_float("momentum", self.momentum, min_value=0.0, max_value=1.0)
         check_choice("momentum_kind", self.momentum_kind, attn.MOMENTUM_KINDS)
+        if self.momentum is None and self.momentum_kind != "values":
+            raise ValueError(f"momentum_kind={self.momentum_kind!r} only applies with momentum set (a decay beta in "
+                             "[0, 1]); set momentum too, or leave momentum_kind at its default 'values'")
         if self.momentum is not None and self.momentum_kind == "dual" and self.attention != "linear":
             raise ValueError("momentum_kind='dual' is defined for linear attention only (attention='linear')")
 
@@ -119,9 +122,9 @@ class ModelConfig:
       causal, include_query, normalize, clip, layout, momentum, momentum_kind: see :class:`Arch`.
       layer_norm: pre-LayerNorm before the attention (and the MLP). Default False.
       mlp: add a ReLU MLP block after each attention. Default False.
-      mlp_width: hidden width F of that MLP; None means 4 D. Default None.
+      mlp_width: hidden width F of that MLP (only with ``mlp=True``); None means 4 D. Default None.
       init_scale: variance scale of the truncated-normal init, divided by K and by fan-in (the reference
-        paper's 0.002 / K). Default 0.002.
+        paper's 0.002 / K); > 0 (at 0 every weight and gradient is 0 and the model never moves). Default 0.002.
     """
 
     dim: int = 10
@@ -152,7 +155,10 @@ class ModelConfig:
         for name in ("key_size", "value_size", "mlp_width"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), min_value=1)
-        check_float("init_scale", self.init_scale, min_value=0.0)
+        if self.mlp_width is not None and not self.mlp:
+            raise ValueError(f"mlp_width={self.mlp_width} only applies with mlp=True (there is no MLP block "
+                             "otherwise); set mlp=True or leave mlp_width out")
+        check_float("init_scale", self.init_scale, min_value=0.0, strict_min=True)
         self.arch()  # validates the remaining fields
 
     @property
@@ -169,8 +175,12 @@ class ModelConfig:
 
 
 def init_params(key: PRNGKey, config: ModelConfig, dtype: Any = None) -> TransformerParams:
-    """Random initial parameters for ``config`` (vmap over keys for several seeds)."""
-    dtype = jnp.dtype(dtype) if dtype is not None else jnp.zeros(()).dtype
+    """Random initial parameters for ``config`` (vmap over keys for several seeds); ``key`` is one PRNG key
+    (``jax.random.PRNGKey(seed)``), ``dtype`` a float dtype (None: JAX's default float)."""
+    check_key("key", key)
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be an iclgd_synth.ModelConfig, got {type(config).__name__}")
+    dtype = check_dtype(dtype) or jnp.zeros(()).dtype
     dd, h = config.token_dim, config.n_heads
     kq, kv = config.key_size or dd, config.value_size or dd
     n_distinct = 1 if config.recurrent else config.n_layers
@@ -313,11 +323,24 @@ def check_params(params: Any) -> None:
         raise TypeError(f"params must be iclgd_synth.TransformerParams, got {type(params).__name__}")
     if len(params.layers) == 0:
         raise ValueError("params.layers must hold at least one layer")
+    token_dim = None
     for i, layer in enumerate(params.layers):
         missing = {"w_q", "w_k", "w_v", "w_p"} - set(layer)
         if missing:
             raise ValueError(f"params.layers[{i}] lacks {sorted(missing)}")
+        if np.ndim(layer["w_q"]) != 3:
+            raise ValueError(f"params.layers[{i}]['w_q'] must have shape (H, Kq, D), got "
+                             f"{tuple(np.shape(layer['w_q']))}")
         h, kq, dd = np.shape(layer["w_q"])
+        if token_dim is not None and dd != token_dim:
+            raise ValueError(f"params.layers[{i}] works on tokens of size D = {dd} but params.layers[0] on D = "
+                             f"{token_dim}: every layer of the residual stream must have the same token size D")
+        token_dim = dd
+        for name in ("w_q", "w_k", "w_v", "w_p"):
+            dt = getattr(layer[name], "dtype", None)
+            if dt is not None and not jnp.issubdtype(dt, jnp.floating):
+                raise TypeError(f"params.layers[{i}]['{name}'] must hold floats, got dtype {dt}; build the "
+                                "parameters with a float dtype (float32 or float64)")
         kv = np.shape(layer["w_v"])[1]
         for name, shape in (("w_k", (h, kq, dd)), ("w_v", (h, kv, dd)), ("w_p", (h, dd, kv))):
             if tuple(np.shape(layer[name])) != shape:

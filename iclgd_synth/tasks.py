@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from iclgd_synth.shapes import Array, PRNGKey
-from iclgd_synth.validation import check_choice, check_float, check_int, check_shape
+from iclgd_synth.validation import (check_choice, check_float, check_int, check_key, check_memory, check_shape,
+                                    format_bytes, is_concrete)
 
 X_DISTRIBUTIONS = ("uniform", "normal", "anisotropic", "laplace", "exponential")
 
@@ -83,7 +84,11 @@ class TaskBatch:
         return self.y_query if self.vector_output else self.y_query[..., None]
 
     def with_context_order(self, perm: Array) -> "TaskBatch":
-        """The same tasks with the demonstrations reordered: ``perm`` is (N,) or (B, N) indices."""
+        """The same tasks with the demonstrations reordered: ``perm`` is (N,) or (B, N) indices, each row a
+        permutation of 0..N-1 (checked when concrete: an out-of-range index would be clamped by JAX indexing, and a
+        repeated one would drop a demonstration and duplicate another)."""
+        if is_concrete(perm):
+            check_permutation("perm", perm, self.n_context, self.batch_size)
         perm = jnp.asarray(perm)
         if perm.ndim == 1:
             return self.replace(x=self.x[:, perm], y=self.y[:, perm])
@@ -98,6 +103,25 @@ class TaskBatch:
 _FIELDS = ("x", "y", "x_query", "y_query", "w")
 
 
+def check_permutation(name: str, perm: Any, n: int, batch_size: int) -> None:
+    """Raise unless ``perm`` is (N,) or (B, N) integers whose every row is a permutation of 0..N-1."""
+    arr = np.asarray(perm)
+    if arr.shape not in ((n,), (batch_size, n)):
+        raise ValueError(f"{name} must have shape (N,) = ({n},) or (B, N) = {(batch_size, n)}, got {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise TypeError(f"{name} must hold integer indices (a permutation of 0..{n - 1}), got dtype {arr.dtype}")
+    rows = arr.reshape(-1, n)
+    bad = np.flatnonzero(np.any(np.sort(rows, axis=1) != np.arange(n), axis=1))
+    if bad.size:
+        row = rows[bad[0]]
+        where = "" if arr.ndim == 1 else f" (row {int(bad[0])})"
+        out = row[(row < 0) | (row >= n)]
+        why = (f"index {int(out[0])} is outside 0..{n - 1}" if out.size else
+               f"index {int(next(v for v in row if np.sum(row == v) > 1))} is repeated, so another demonstration "
+               "would be dropped")
+        raise ValueError(f"{name} must be a permutation of 0..{n - 1} (each demonstration exactly once){where}: {why}")
+
+
 def _as_array(name: str, value: Any) -> Any:
     """A field as an array: JAX arrays and tracers kept, anything else (nested lists, scalars) through NumPy."""
     if not isinstance(value, (jax.Array, jax.core.Tracer, np.ndarray)):
@@ -105,6 +129,9 @@ def _as_array(name: str, value: Any) -> Any:
             value = np.asarray(value)
         except ValueError as e:  # ragged nested lists
             raise ValueError(f"batch.{name} must be a rectangular array, got {type(value).__name__}: {e}") from None
+    if jnp.issubdtype(value.dtype, jnp.complexfloating):
+        raise TypeError(f"batch.{name} must hold real numbers, got complex dtype {value.dtype} (its imaginary part "
+                        "would be dropped); pass the real part explicitly (np.real) if that is what you mean")
     if not (jnp.issubdtype(value.dtype, jnp.number) or jnp.issubdtype(value.dtype, jnp.bool_)):
         raise TypeError(f"batch.{name} must hold real numbers, got dtype {value.dtype}")
     return value
@@ -163,7 +190,8 @@ class TaskConfig:
         non-default value with another ``x_dist`` raises ValueError instead of being silently ignored.
       w_scale: tau, the standard deviation of each entry of w ~ N(0, tau^2 I). Default 1.
       noise: sigma, the standard deviation of Gaussian label noise (context and query). Default 0.
-      x_scale: multiplies every input after sampling (out-of-distribution tests). Default 1.
+      x_scale: multiplies every input after sampling (out-of-distribution tests), > 0 (0 would make every input
+        and label 0). Default 1.
       pool_size: M, the number of tasks in a finite pool (tasks drawn uniformly from it), or None for fresh tasks.
       pool_seed: seed of the pool, independent of the sampling key. Default 0.
       label_corruption: fraction of context labels replaced by labels of an independent task (same marginal law).
@@ -194,7 +222,7 @@ class TaskConfig:
         check_int("cov_seed", self.cov_seed, min_value=0)
         check_float("w_scale", self.w_scale, min_value=0.0)
         check_float("noise", self.noise, min_value=0.0)
-        check_float("x_scale", self.x_scale, min_value=0.0)
+        check_float("x_scale", self.x_scale, min_value=0.0, strict_min=True)
         if self.pool_size is not None:
             check_int("pool_size", self.pool_size, min_value=1)
         check_int("pool_seed", self.pool_seed, min_value=0)
@@ -276,7 +304,14 @@ _TRACED_FIELDS = ("x_range", "w_scale", "noise", "x_scale", "label_corruption")
 
 
 def sample(key: PRNGKey, config: TaskConfig, batch_size: int, dtype: Any = None) -> TaskBatch:
-    """Draw a :class:`TaskBatch` for ``config``; the jit-compiled core of :func:`sample_tasks`."""
+    """Draw a :class:`TaskBatch` for ``config``; the jit-compiled core of :func:`sample_tasks`.
+
+    ``key`` is one PRNG key (``jax.random.PRNGKey(seed)``); a batch that cannot fit in this machine's memory is
+    refused before anything is drawn (MemoryError with the estimate).
+    """
+    check_key("key", key)
+    batch_size = check_int("batch_size", batch_size, min_value=1)
+    check_sample_memory(config, batch_size, dtype)
     values = {f: getattr(config, f) for f in _TRACED_FIELDS}
     static = config.replace(x_range=1.0, w_scale=1.0, x_scale=1.0, noise=float(config.noise > 0),
                             label_corruption=0.5 * (config.label_corruption > 0))
@@ -306,11 +341,44 @@ def _sample(key: PRNGKey, config: TaskConfig, values: dict, batch_size: int, dty
     return TaskBatch(x=x_all[:, :n], y=y_all[:, :n], x_query=x_all[:, n], y_query=y_all[:, n], w=w)
 
 
+def _itemsize(dtype: Any) -> int:
+    return (jnp.zeros(()).dtype if dtype is None else check_dtype(dtype)).itemsize
+
+
+def pool_bytes(config: TaskConfig, dtype: Any = None) -> int:
+    """Memory of the pool of task weights (0 without a pool)."""
+    return 0 if config.pool_size is None else config.pool_size * config.out_dim * config.dim * _itemsize(dtype)
+
+
+def sample_bytes(config: TaskConfig, batch_size: int, dtype: Any = None) -> int:
+    """A lower bound on the memory of ``batch_size`` tasks drawn by :func:`sample`: inputs and labels (drawn, then
+    sliced: twice) and the task weights; the pool (:func:`pool_bytes`) not included."""
+    n, d, o = config.n_context, config.dim, config.out_dim
+    return batch_size * (2 * (n + 1) * (d + o) + o * d) * _itemsize(dtype)
+
+
+def check_sample_memory(config: TaskConfig, batch_size: int, dtype: Any = None) -> None:
+    """Refuse a batch (or a task pool) that cannot fit in this machine's memory, naming the parameter."""
+    _check_pool_memory(config, dtype)
+    check_memory(f"batch_size = {batch_size} tasks of N = {config.n_context} pairs in d = {config.dim} "
+                 f"({format_bytes(sample_bytes(config, 1, dtype))} per task)",
+                 sample_bytes(config, batch_size, dtype) + pool_bytes(config, dtype),
+                 "draw fewer tasks at a time (in chunks, with jax.random.fold_in(key, i) for chunk i)")
+
+
+def _check_pool_memory(config: TaskConfig, dtype: Any) -> None:
+    if config.pool_size is not None:
+        check_memory(f"pool_size = {config.pool_size} (a pool of {config.pool_size} x {config.out_dim} x "
+                     f"{config.dim} task weights)", pool_bytes(config, dtype),
+                     "use a smaller pool_size, or pool_size=None for fresh tasks")
+
+
 def task_pool(config: TaskConfig, dtype: Any = None, w_scale: Any = None) -> Array:
     """The finite pool of task weights, (M, d_out, d), drawn from ``config.pool_seed`` alone."""
     if config.pool_size is None:
         raise ValueError("task_pool needs a config with pool_size set (an integer >= 1)")
     dtype = jnp.zeros(()).dtype if dtype is None else check_dtype(dtype)
+    _check_pool_memory(config, dtype)
     key = jax.random.PRNGKey(config.pool_seed)
     shape = (config.pool_size, config.out_dim, config.dim)
     return (config.w_scale if w_scale is None else w_scale) * jax.random.normal(key, shape, dtype)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import numbers
+import os
 from typing import Any, Callable, Iterable
 
 import jax
@@ -113,3 +114,63 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def check_key(name: str, key: Any) -> Any:
+    """Return ``key`` if it is one JAX PRNG key (``jax.random.PRNGKey(seed)`` or ``jax.random.key(seed)``); else raise
+    TypeError naming ``name`` and how to make one. Tracers pass through (under vmap a batch of keys is traced)."""
+    if not is_concrete(key):
+        return key
+    if isinstance(key, (jax.Array, np.ndarray)):
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            if key.shape == ():
+                return key
+        elif key.dtype == np.uint32 and key.ndim == 1 and key.shape[0] in (2, 4):  # threefry (2,), rbg (4,)
+            return key
+        shown = f"an array of dtype {key.dtype} and shape {tuple(key.shape)}"
+    else:
+        shown = f"{key!r} of type {type(key).__name__}"
+    raise TypeError(f"{name} must be one JAX PRNG key such as jax.random.PRNGKey(0) or jax.random.key(0) (an integer "
+                    f"seed is not a key), got {shown}")
+
+
+def machine_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def format_bytes(n: float) -> str:
+    """A byte count for messages: 1012 B, 93.9 GiB."""
+    if abs(n) < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if abs(n) < 1024:
+            return f"{n:.3g} {unit}"
+    return f"{n / 1024:.3g} PiB"
+
+
+def check_memory(what: str, nbytes: float, advice: str) -> None:
+    """Refuse, before any work, something that needs more than the machine's memory.
+
+    ``what`` names the parameter(s) and their values, ``nbytes`` is the estimate (a lower bound: only the arrays that
+    must exist at once), ``advice`` says what to change. Raises MemoryError with the estimate and the limit.
+    """
+    limit = machine_memory()
+    if limit is not None and nbytes > limit:
+        raise MemoryError(f"{what} needs about {format_bytes(nbytes)} of memory, more than this machine's "
+                          f"{format_bytes(limit)}; {advice}")
+
+
+class SlowCompileWarning(UserWarning):
+    """Emitted before a compilation that is expected to take minutes (a very deep unrolled model, ...)."""
+
+
+def warn_slow_compile(message: str, stacklevel: int = 3) -> None:
+    """Say, in one line, that the next compilation will be long and why (rather than minutes of silence)."""
+    import warnings
+
+    warnings.warn(message, SlowCompileWarning, stacklevel=stacklevel)

@@ -11,11 +11,12 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from iclgd_synth.learners._common import Learner, broadcast_schedule, check_schedule, start_weights
 from iclgd_synth.shapes import Array
 from iclgd_synth.tasks import TaskBatch
-from iclgd_synth.validation import check_int
+from iclgd_synth.validation import check_int, is_concrete
 
 
 @flax.struct.dataclass
@@ -34,7 +35,10 @@ class GD(Learner):
 
     def checked(self, batch: TaskBatch) -> "GD":
         steps = check_int("steps", self.steps, min_value=1)
-        return self.replace(eta=check_schedule("eta", self.eta, steps))
+        eta = check_schedule("eta", self.eta, steps)
+        if is_concrete(eta) and np.any(np.asarray(eta) < 0):  # a negative step climbs the loss: gradient ascent
+            raise ValueError(f"eta must be >= 0 (a gradient-descent step size, scalar or per step), got {self.eta!r}")
+        return self.replace(eta=eta)
 
     def solve(self, batch: TaskBatch) -> Array:
         y_BxNxO, x_BxNxd, n = batch.labels_BxNxO(), batch.x, batch.n_context
