@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -176,9 +177,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
 
 
+def check_output_path(path: str | Path, option: str = "--json") -> Path:
+    """Refuse, before the benchmark runs, an output file that could not be written (its folder missing or not
+    writable, or the path a folder)."""
+    path = Path(path)
+    folder = path.parent
+    if path.is_dir():
+        raise IsADirectoryError(f"{option} {str(path)!r} is a folder; give a file name, e.g. "
+                                f"{str(path / 'bench.json')!r}")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{option} {str(path)!r}: the folder {str(folder)!r} does not exist; create it first "
+                                "or give a path in an existing folder")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"{option} {str(path)!r}: the folder {str(folder)!r} is not writable; give another path")
+    return path
+
+
 def main(args: argparse.Namespace) -> int:
+    out = check_output_path(args.json) if args.json else None
     result = run_all(quick=args.quick, main_job=not args.no_main_job)
     print(format_report(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if out is not None:
+        from iclgd_synth.storage import write_text_atomic
+
+        write_text_atomic(out, json.dumps(result, indent=2) + "\n")
     return 0
