@@ -110,27 +110,60 @@ def quick_trained(steps: int = 2000, seed: int = 0) -> tuple[Any | None, str]:
     return params, f"1-layer LSA trained for {steps} steps on the vonoswald preset (d = N = 10), seed {seed}"
 
 
+_NPZ_EXPECTED = ("an .npz written by iclgd_synth.train.save_params, or by numpy.savez with arrays w_q, w_k, w_v "
+                 "(H, K, D) and w_p (H, D, K), optionally with a leading layer axis")
+
+
 def load_trained_params(path: str | Path) -> Any:
     """Parameters from an .npz: either written by :func:`iclgd_synth.train.save_params`, or plain arrays ``w_q``,
-    ``w_k``, ``w_v``, ``w_p`` of shape (H, K, D) / (H, D, K) (one layer) or with a leading layer axis."""
+    ``w_k``, ``w_v``, ``w_p`` of shape (H, K, D) / (H, D, K) (one layer) or with a leading layer axis.
+
+    Nothing is unpickled: a file that is not such an .npz (garbage, truncated, pickled objects, a single .npy array)
+    raises ValueError naming the file and what was expected.
+    """
+    import zipfile
+
     import jax.numpy as jnp
 
     from iclgd_synth.model import TransformerParams, check_params
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no such parameter file: {str(path)!r} (expected an .npz with w_q, w_k, w_v, w_p)")
-    with np.load(path) as z:
+        raise FileNotFoundError(f"no such parameter file: {str(path)!r} (expected {_NPZ_EXPECTED})")
+    if path.is_dir():
+        raise IsADirectoryError(f"the parameter file {str(path)!r} is a folder; expected {_NPZ_EXPECTED}")
+
+    def unreadable(why: str | BaseException) -> ValueError:
+        if isinstance(why, BaseException):  # numpy's advice to pass allow_pickle would be unsafe for such a file
+            why = ("an array holds pickled Python objects, which are not loaded" if "pickle" in str(why) else
+                   f"{type(why).__name__}: {why}")
+        return ValueError(f"the parameter file {str(path)!r} cannot be read ({why}); expected {_NPZ_EXPECTED}")
+
+    try:
+        z = np.load(path, allow_pickle=False)
+    except ValueError:  # numpy's advice here (allow_pickle) would be unsafe for a file of unknown origin
+        raise unreadable("not an .npz archive of plain arrays") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise unreadable(e) from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise unreadable(f"a single array of shape {np.shape(z)}, not an .npz archive")
+    with z:
         files = set(z.files)
         if "__arch__" in files:
             from iclgd_synth.train import load_params
 
-            return load_params(path)
+            try:
+                return load_params(path)
+            except (ValueError, TypeError, KeyError, OSError, EOFError, zipfile.BadZipFile) as e:
+                raise unreadable(e) from None
         missing = {"w_q", "w_k", "w_v", "w_p"} - files
         if missing:
             raise ValueError(f"{str(path)!r} lacks arrays {sorted(missing)}; expected w_q, w_k, w_v (H, K, D) and "
                              f"w_p (H, D, K), optionally with a leading layer axis (found {sorted(files)})")
-        arrays = {k: np.asarray(z[k]) for k in ("w_q", "w_k", "w_v", "w_p")}
+        try:
+            arrays = {k: np.asarray(z[k]) for k in ("w_q", "w_k", "w_v", "w_p")}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise unreadable(e) from None
     if arrays["w_q"].ndim == 3:
         arrays = {k: v[None] for k, v in arrays.items()}
     if arrays["w_q"].ndim != 4:
@@ -138,7 +171,10 @@ def load_trained_params(path: str | Path) -> Any:
                          f"got shape {arrays['w_q'].shape}")
     layers = tuple({k: jnp.asarray(v[i]) for k, v in arrays.items()} for i in range(arrays["w_q"].shape[0]))
     params = TransformerParams(layers=layers)
-    check_params(params)
+    try:
+        check_params(params)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"the parameter file {str(path)!r}: {e}") from None
     return params
 
 
