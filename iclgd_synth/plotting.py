@@ -45,15 +45,45 @@ def loss_curves(path, losses_SxT: np.ndarray, baselines: Mapping[str, float], *,
     return save_figure(fig, path)
 
 
+#: How a metric key of the training history is shown: key prefix -> (title, y-axis label, reference value or None).
+#: The reference is what a model that *is* the baseline would show (predictions equal: difference 0; sensitivities
+#: aligned: cosine 1).
+METRIC_STYLES = {
+    "loss": ("held-out loss", "half-MSE on the query", None),
+    "preds_diff": ("prediction difference vs {long}", "mean |y_model - y_{short}|", 0.0),
+    "model_cos": ("implicit-model cosine vs {long}", "mean cosine of dy/dx_q", 1.0),
+    "model_diff": ("implicit-model difference vs {long}", "mean |dy/dx_q - {short}'s|", 0.0),
+}
+#: Baseline suffixes of the metric keys: (name in titles, short name in axis labels).
+BASELINE_NAMES = {"gd": ("tuned GD", "GD"), "gdpp": ("tuned GD++", "GD++")}
+
+
+def metric_style(key: str) -> tuple[str, str, float | None]:
+    """(readable title, y-axis label, reference value or None) of a history metric key such as ``model_cos_gdpp``."""
+    for prefix, (title, ylabel, ref) in METRIC_STYLES.items():
+        if key == prefix or key.startswith(prefix + "_"):
+            suffix = key[len(prefix) + 1:]
+            long, short = BASELINE_NAMES.get(suffix, (suffix.replace("_", " ") or "the baseline", "baseline"))
+            return title.format(long=long), ylabel.format(short=short), ref
+    readable = key.replace("_", " ")
+    return readable, readable, None
+
+
 def metrics_over_training(path, steps: Sequence[int], series: Mapping[str, Sequence[float]], *,
                           title: str = "trained model vs GD over training") -> Path:
-    """One panel per metric (preds diff, model cos, ...) against the training step."""
+    """One panel per metric (preds diff, model cos, ...) against the training step, with readable titles, axis labels
+    and the value a model equal to the baseline would show as a dotted reference line (:data:`METRIC_STYLES`)."""
     n = len(series)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.2), squeeze=False)
     for ax, (name, vals) in zip(axes[0], series.items()):
-        ax.plot(steps, vals, marker=".")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step")
+        label, ylabel, ref = metric_style(name)
+        ax.plot(steps, vals, marker=".", color="C0")
+        if ref is not None:
+            ax.axhline(ref, color="grey", ls=":", lw=1, label=f"equal to the baseline ({ref:g})")
+            ax.legend(fontsize=7)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel, fontsize=8)
     fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
 
@@ -75,23 +105,69 @@ def weight_heatmaps(path, matrices: Mapping[str, np.ndarray], *, title: str = ""
     return save_figure(fig, path)
 
 
+#: A predictor whose largest (smallest) loss is this many times above (below) the typical predictor's is left off
+#: the y-range of the out-of-distribution panels (least squares at N = d reaches losses 1e3 x the others').
+OFF_SCALE_FACTOR = 30.0
+
+
+def robust_log_ylim(losses: Mapping[str, Sequence[float]], factor: float = OFF_SCALE_FACTOR
+                    ) -> tuple[float, float] | None:
+    """A log-scale y-range (lo, hi) spanning every predictor except those far above or below the others: the upper
+    edge is set by the predictors whose largest loss is within ``factor`` of the median predictor's largest loss (the
+    lower edge likewise), with a margin. None when there is nothing positive and finite to show."""
+    highs, lows = [], []
+    for vals in losses.values():
+        v = np.asarray(vals, np.float64)
+        v = v[np.isfinite(v) & (v > 0)]
+        if v.size:
+            highs.append(v.max())
+            lows.append(v.min())
+    if not highs:
+        return None
+    mid_hi, mid_lo = np.median(highs), np.median(lows)
+    hi = max(h for h in highs if h <= factor * mid_hi)
+    lo = min(v for v in lows if v >= mid_lo / factor)
+    return lo / 1.6, hi * 1.6  # a margin: points on the edge stay visible
+
+
 def ood_curves(path, sweeps: Mapping[str, Mapping], *, title: str = "out of distribution") -> Path:
-    """One panel per sweep: loss of every predictor against the swept value."""
+    """One panel per sweep: loss of every predictor against the swept value.
+
+    The y-range is what most predictors span (:func:`robust_log_ylim`), so that one predictor's huge losses (least
+    squares near N = d) do not flatten the others into one line: its points beyond the range are drawn on the edge
+    as open triangles, and its legend entry says "off scale"."""
     n = len(sweeps)
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 2.0, 3.2), squeeze=False)
+    off_scale: set[str] = set()
     for ax, (name, sw) in zip(axes[0], sweeps.items()):
         values = sw["values"]
         numeric = all(isinstance(v, (int, float)) for v in values)
-        xs = values if numeric else list(range(len(values)))
+        xs = np.asarray(values if numeric else list(range(len(values))), np.float64)
+        ylim = robust_log_ylim(sw["losses"])
         for i, (pname, losses) in enumerate(sw["losses"].items()):
-            ax.plot(xs, losses, marker="o", ms=3, label=pname, color=f"C{i}")
+            ys = np.asarray(losses, np.float64)
+            ax.plot(xs, ys, marker="o", ms=3, label=pname, color=f"C{i}")
+            if ylim is not None:
+                above, below = ys > ylim[1], (ys > 0) & (ys < ylim[0])
+                if above.any():
+                    ax.plot(xs[above], np.full(above.sum(), ylim[1]), ls="none", marker="^", ms=6, mfc="none",
+                            color=f"C{i}", clip_on=False)
+                if below.any():
+                    ax.plot(xs[below], np.full(below.sum(), ylim[0]), ls="none", marker="v", ms=6, mfc="none",
+                            color=f"C{i}", clip_on=False)
+                if above.any() or below.any():
+                    off_scale.add(pname)
         if not numeric:
             ax.set_xticks(xs)
             ax.set_xticklabels(values, rotation=30, fontsize=7)
         ax.set_yscale("log")
+        if ylim is not None:
+            ax.set_ylim(*ylim)
         ax.set_title(name, fontsize=9)
     axes[0][0].set_ylabel("half-MSE")
-    axes[0][-1].legend(fontsize=7)
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    labels = [f"{lab} (off scale: triangles at the edge)" if lab in off_scale else lab for lab in labels]
+    axes[0][-1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the data
     fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
 
