@@ -18,7 +18,10 @@ A study is
 - an unfinished run resumes (training checkpoints in the directory);
 - ``force`` recomputes into ``<dir>.new`` and swaps it in only when complete, so an interrupted recomputation never
   loses the earlier finished results;
-- metrics.json is written before the report and marked finished last.
+- metrics.json is written before the report and marked finished last;
+- one process computes a run at a time: a lock file in the run directory (:data:`LOCK_FILE`,
+  :func:`iclgd_synth.storage.exclusive_lock`) makes a second ``iclgd run`` of the same study and config stop with the
+  first one's pid instead of computing everything again; a lock left by a process that died is taken over.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from iclgd_synth import config as cfg
-from iclgd_synth.storage import read_json, stable_hash, write_json, write_text_atomic
+from iclgd_synth.storage import exclusive_lock, read_json, stable_hash, write_json, write_text_atomic
 
 FINISHED = "finished"
+#: The lock file held in the run directory while a process computes the run.
+LOCK_FILE = ".computing.lock"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,12 +123,24 @@ def run(study: Study, *, quick: bool = False, overrides: Sequence[str] = (), see
             _say(f"{study.name}: finished run found in {out} (use --force to recompute)")
         return out
     work = out.with_name(out.name + ".new") if force and out.exists() else out
+    out.mkdir(parents=True, exist_ok=True)  # the lock lives in the run directory
+    with exclusive_lock(out / LOCK_FILE, f"the run {str(out)!r} (same study and config)"):
+        if is_finished(out) and not force:  # finished by another process between the check above and the lock
+            _say(f"{study.name}: finished run found in {out} (use --force to recompute)")
+            return out
+        _compute(study, config, out, work, Run(work, progress), _record(study, config, quick, overrides, seeds))
+    _say(f"{study.name}: report written to {out / 'report.md'}")
+    return out
+
+
+def _compute(study: Study, config: Any, out: Path, work: Path, run: Run, record: dict[str, Any]) -> None:
+    """Compute into ``work``, write metrics and report, and swap ``work`` in for ``out`` when they differ."""
     if work != out and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    write_json(work / "config.json", _record(study, config, quick, overrides, seeds))
+    write_json(work / "config.json", record)
     t0 = time.perf_counter()
-    metrics = study.compute(config, Run(work, progress))
+    metrics = study.compute(config, run)
     metrics = {"study": study.name, "description": study.description, **metrics, "total_seconds": time.perf_counter() - t0}
     write_json(work / "metrics.json", metrics)
     write_text_atomic(work / "report.md", study.render(config, metrics, work))
@@ -135,8 +152,6 @@ def run(study: Study, *, quick: bool = False, overrides: Sequence[str] = (), see
         os.replace(out, old)
         os.replace(work, out)
         shutil.rmtree(old, ignore_errors=True)
-    _say(f"{study.name}: report written to {out / 'report.md'}")
-    return out
 
 
 def render_run(run_dir: str | os.PathLike) -> Path:
@@ -155,12 +170,22 @@ def render_run(run_dir: str | os.PathLike) -> Path:
     study = get_study(record["study"])
     config = study.make_config(quick=record.get("quick", False), overrides=record.get("overrides", ()),
                                seeds=record.get("seeds"))
-    if cfg.to_dict(config) != record["config"]:
+    if not _same_where_recorded(record["config"], cfg.to_dict(config)):
         raise ValueError(f"the config in {str(run_dir / 'config.json')!r} differs from what study "
                          f"{study.name!r} builds from its preset and overrides today (the preset changed since the "
                          "run); re-run the study instead")
     write_text_atomic(run_dir / "report.md", study.render(config, metrics, run_dir))
     return run_dir / "report.md"
+
+
+def _same_where_recorded(recorded: Any, current: Any) -> bool:
+    """Whether ``current`` agrees with ``recorded`` on every field the record has (fields added to a config since the
+    run was made are not in its record and do not count)."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        return all(k in current and _same_where_recorded(v, current[k]) for k, v in recorded.items())
+    if isinstance(recorded, list) and isinstance(current, (list, tuple)):
+        return len(recorded) == len(current) and all(_same_where_recorded(a, b) for a, b in zip(recorded, current))
+    return recorded == current
 
 
 def _check_root(root: Path) -> None:
