@@ -26,6 +26,7 @@ import numpy as np
 
 from iclgd_synth.model import Arch, TransformerParams, check_params
 from iclgd_synth.shapes import Array
+from iclgd_synth.tokens import heavy_ball_token_dim
 from iclgd_synth.validation import check_float, check_int, is_concrete
 
 
@@ -85,6 +86,60 @@ def gdpp_params(dim: int, eta: Any, gamma: Any, n_layers: int = 1, *, n_context:
     layers = [gd_layer(dim, e, n_context=n_context, out_dim=out_dim, gamma=g, dtype=dtype)
               for e, g in zip(etas, gammas)]
     return _stack(dim, n_layers, recurrent, n_context, layers)
+
+
+def heavy_ball_layer(dim: int, eta: Any, mu: Any, n_context: int, out_dim: int = 1, dtype: Any = None) -> dict:
+    """One layer (1 + d_out heads, key and value size D') performing one heavy-ball step on every token.
+
+    It reads the tokens e = (x, y, r, 1) of :func:`iclgd_synth.tokens.heavy_ball_tokens` (D' = d + 2 d_out + 1; r is
+    the previous step's change of the residual target, r_j = -(w_k - w_{k-1}) x_j, 1 a constant channel). Head 0 is
+    the GD head (W_K^T W_Q = the x-block identity, value -y, projected with eta / N onto y *and* r); for each output
+    dimension m, head 1 + m has key = the constant channel, query = r_m, value = the constant channel, so its output
+    at token j is N r_{j,m}, projected with mu / N onto y_m and (mu - 1) / N onto r_m. Then
+    y_j <- y_j - Delta w x_j + mu r_j and r_j <- -Delta w x_j + mu r_j: one heavy-ball step
+    w_{k+1} = w_k - eta grad L(w_k) + mu (w_k - w_{k-1}) on every token's residual. Needs non-causal keys over the N
+    demonstrations and no normalisation (the default :class:`~iclgd_synth.model.Arch`).
+    """
+    dtype = jnp.dtype(dtype) if dtype is not None else jnp.zeros(()).dtype
+    d, o = check_int("dim", dim, min_value=1), check_int("out_dim", out_dim, min_value=1)
+    n = check_int("n_context", n_context, min_value=1)
+    check_float("eta", eta)
+    check_float("mu", mu)
+    dd = heavy_ball_token_dim(d, o)
+    ys, rs, one = slice(d, d + o), slice(d + o, d + 2 * o), d + 2 * o
+    h = 1 + o
+    w_q = np.zeros((h, dd, dd))
+    w_k = np.zeros((h, dd, dd))
+    w_v = np.zeros((h, dd, dd))
+    w_p = np.zeros((h, dd, dd))
+    w_q[0, :d, :d] = w_k[0, :d, :d] = np.eye(d)           # head 0: scores x_i . x_j
+    w_v[0, ys, ys] = -np.eye(o)                            # value: minus the residual target
+    eye_o = np.eye(o)
+    for m in range(o):                                     # head 1 + m: per-token term r_{j,m}
+        w_k[1 + m, 0, one] = 1.0                           # key: the constant channel
+        w_q[1 + m, 0, d + o + m] = 1.0                     # query: r_{j,m}
+        w_v[1 + m, 0, one] = 1.0                           # value: the constant channel
+    w_p[0, ys, ys] = w_p[0, rs, ys] = float(eta) / n * eye_o   # GD head: onto y and r
+    for m in range(o):
+        w_p[1 + m, d + m, 0] = float(mu) / n                  # mu r onto y
+        w_p[1 + m, d + o + m, 0] = (float(mu) - 1.0) / n      # (mu - 1) r onto r
+    w_q, w_k, w_v, w_p = (jnp.asarray(a, dtype) for a in (w_q, w_k, w_v, w_p))
+    return {"w_q": w_q, "w_k": w_k, "w_v": w_v, "w_p": w_p}
+
+
+def heavy_ball_params(dim: int, eta: Any, mu: Any, n_steps: int, n_context: int, out_dim: int = 1,
+                      dtype: Any = None) -> TransformerParams:
+    """K layers implementing K heavy-ball steps (scalar or per-step ``eta`` and ``mu``), from w = 0
+    (:func:`heavy_ball_layer`; read out as minus the y-part of the query token of
+    :func:`iclgd_synth.tokens.heavy_ball_tokens`)."""
+    k = check_int("n_steps", n_steps, min_value=1)
+    etas, mus = (np.asarray(v, np.float64) for v in (eta, mu))
+    for name, v in (("eta", etas), ("mu", mus)):
+        if v.shape not in ((), (k,)):
+            raise ValueError(f"{name} must be a scalar or have shape (n_steps,) = ({k},), got {v.shape}")
+    etas, mus = np.broadcast_to(etas, (k,)), np.broadcast_to(mus, (k,))
+    layers = tuple(heavy_ball_layer(dim, float(e), float(m), n_context, out_dim, dtype) for e, m in zip(etas, mus))
+    return TransformerParams(layers=layers, arch=Arch())
 
 
 def split_heads(params: TransformerParams, n_heads: int) -> TransformerParams:

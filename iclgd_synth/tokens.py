@@ -6,6 +6,10 @@
 
 In both layouts the prediction is read out as minus the y-part of the query token after the last layer
 ("Transformers learn in-context by gradient descent", section 2): y_hat = -e_q[d:].
+
+The heavy-ball layers of :func:`iclgd_synth.constructions.heavy_ball_params` read a wider token,
+(x, y, r, 1) in R^D' with D' = d + 2 d_out + 1 (:func:`heavy_ball_tokens`): r carries the previous step's change of
+the residual target and 1 is a constant channel.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from iclgd_synth.shapes import Array
-from iclgd_synth.tasks import TaskBatch
+from iclgd_synth.tasks import TaskBatch, validate_batch
 from iclgd_synth.validation import check_choice
 
 LAYOUTS = ("concat", "interleaved")
@@ -51,6 +55,23 @@ def read_out(tokens_BxTxD: Array, dim: int, vector_output: bool) -> Array:
     """Prediction from the query token (the last one): minus its y-part, (B,) or (B, d_out)."""
     y_hat = -tokens_BxTxD[:, -1, dim:]
     return y_hat if vector_output else y_hat[:, 0]
+
+
+def heavy_ball_token_dim(dim: int, out_dim: int = 1) -> int:
+    """D' = d + 2 d_out + 1: the tokens (x, y, r, 1) of the heavy-ball layers."""
+    return dim + 2 * out_dim + 1
+
+
+def heavy_ball_tokens(batch: TaskBatch) -> Array:
+    """Tokens (x_i, y_i, 0, 1) for the demonstrations and (x_q, 0, 0, 1) for the query, (B, N + 1, D')."""
+    batch = validate_batch(batch)
+    y_BxNxO = batch.labels_BxNxO()
+    b, n, d = batch.x.shape
+    o = y_BxNxO.shape[-1]
+    dt = batch.x.dtype
+    ctx = jnp.concatenate([batch.x, y_BxNxO, jnp.zeros((b, n, o), dt), jnp.ones((b, n, 1), dt)], axis=-1)
+    q = jnp.concatenate([batch.x_query, jnp.zeros((b, 2 * o), dt), jnp.ones((b, 1), dt)], axis=-1)
+    return jnp.concatenate([ctx, q[:, None]], axis=1)
 
 
 def as_batched_weights(w: Array, b: int, o: int, d: int) -> Array:

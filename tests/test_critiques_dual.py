@@ -1,7 +1,7 @@
-"""The dual form (iclgd_synth.critiques.dual) against the layer's own output in float64 (also as exported to
-dual_form.npz), the hand construction's Delta W_ICL as the meta-gradient, the ICL-vs-FT metrics
-(iclgd_synth.critiques.alignment) on known answers (SimAOU, Kendall and Rec2FTP read 1 when fine-tuning is ICL), and
-the fine-tuning influence against finite differences."""
+"""The dual form (iclgd_synth.dual_form) against the layer's own output in float64 (also as exported to
+dual_form.npz), the hand construction's Delta W_ICL as the meta-gradient (iclgd_synth.critiques.dual), the ICL-vs-FT
+metrics (iclgd_synth.critiques.alignment) on known answers (SimAOU, Kendall and Rec2FTP read 1 when fine-tuning is
+ICL), the fine-tuning influence against finite differences, and the hand layer with momentum attention."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import iclgd_synth as ic
 from iclgd_synth.critiques import alignment as A
+from iclgd_synth import dual_form as DF
 from iclgd_synth.critiques import dual as D
 from iclgd_synth.critiques import finetune as F
 from iclgd_synth.metrics import loss as model_loss
@@ -34,8 +35,8 @@ def _dual_vs_layer(params, batch, w0):
     the largest update."""
     errs, scale = [], []
     for layer in range(params.depth):
-        df = D.dual_form(params, batch, layer, w0)
-        ref = D.query_attention_update(params, batch, layer, w0)
+        df = DF.dual_form(params, batch, layer, w0)
+        ref = DF.query_attention_update(params, batch, layer, w0)
         errs += [jnp.max(jnp.abs(df.output() - ref)), jnp.max(jnp.abs(df.output_from_heads() - ref))]
         scale.append(jnp.max(jnp.abs(ref)))
     return jnp.max(jnp.stack(errs)), jnp.max(jnp.stack(scale))
@@ -59,8 +60,8 @@ def test_dual_form_reproduces_the_query_update_of_every_layer(x64, d, n, n_heads
 
 def test_dual_form_query_side_part_is_zero_unless_the_query_is_a_key(x64):
     batch = ic.sample_tasks(jax.random.PRNGKey(0), 3, 4, 2, x_dist="normal")
-    off = D.dual_form(_random_model(1, dim=2), batch)
-    on = D.dual_form(_random_model(1, dim=2, include_query=True), batch)
+    off = DF.dual_form(_random_model(1, dim=2), batch)
+    on = DF.dual_form(_random_model(1, dim=2, include_query=True), batch)
     assert float(jnp.max(jnp.abs(off.w_zsl))) == 0.0
     assert float(jnp.max(jnp.abs(on.w_zsl))) > 1e-4
     np.testing.assert_allclose(np.asarray(on.delta_w_icl), np.asarray(off.delta_w_icl), atol=1e-14)
@@ -69,7 +70,7 @@ def test_dual_form_query_side_part_is_zero_unless_the_query_is_a_key(x64):
 @jax.jit
 def _hand_dual(batch, w0, eta):
     d, n = batch.dim, batch.n_context
-    df = D.dual_form(ic.gd_params(d, eta, n_context=n, w0=w0), batch, w0=w0)
+    df = DF.dual_form(ic.gd_params(d, eta, n_context=n, w0=w0), batch, w0=w0)
     # eta * grad L(W0) = -(W1 - W0): the negative of the GD step's update.
     return df, -(ic.gd_weights(batch, eta, 1, w0) - w0[None, None])
 
@@ -89,9 +90,9 @@ def test_hand_delta_w_icl_is_eta_times_the_loss_gradient_at_w0(x64, d, n, eta, s
 def test_dual_form_rejects_softmax_and_bad_layers():
     batch = ic.sample_tasks(jax.random.PRNGKey(0), 2, 3, 2)
     with pytest.raises(ValueError, match="linear attention"):
-        D.dual_form(_random_model(0, dim=2, attention="softmax"), batch)
+        DF.dual_form(_random_model(0, dim=2, attention="softmax"), batch)
     with pytest.raises(ValueError, match="layer must be"):
-        D.dual_form(_random_model(0, dim=2), batch, layer=1)
+        DF.dual_form(_random_model(0, dim=2), batch, layer=1)
 
 
 def test_sim_aou_and_sim_am_delta_on_known_vectors():
@@ -182,7 +183,7 @@ def test_export_dual_forms_reproduces_every_layer_from_the_file(x64, tmp_path):
     models = {"deep": _random_model(6, dim=3, n_layers=2, n_heads=2, causal=True, include_query=True,
                                     momentum=0.5, momentum_kind="values"),
               "hand": ic.gd_params(3, 0.7, n_context=5)}
-    index = D.export_dual_forms(tmp_path / "dual_form.npz", models, batch)
+    index = DF.export_dual_forms(tmp_path / "dual_form.npz", models, batch)
     assert [v["layers"] for v in index.values()] == [2, 1]
     with np.load(tmp_path / "dual_form.npz") as f:
         assert list(f["model_labels"]) == ["deep", "hand"]
@@ -196,8 +197,45 @@ def test_export_dual_forms_reproduces_every_layer_from_the_file(x64, tmp_path):
                 chex.assert_shape([e["w_zsl"], e["delta_w_icl"]], (4, 4, 4))
                 chex.assert_shape([e["query"], e["bias"]], (4, 4))
                 rebuilt = np.einsum("bde,be->bd", e["w_zsl"] + e["delta_w_icl"], e["query"]) + e["bias"]
-                ref = np.asarray(D.query_attention_update(params, batch, layer))
+                ref = np.asarray(DF.query_attention_update(params, batch, layer))
                 assert np.abs(ref).max() > 1e-4
                 np.testing.assert_allclose(rebuilt, ref, atol=1e-12 * max(1.0, np.abs(ref).max()))
                 np.testing.assert_allclose(e["query_update"], ref, atol=1e-14)
     assert index["deep"]["max_relative_error"] < 1e-12
+
+
+def test_reconstruction_error_is_rounding_for_every_layer_and_large_for_a_wrong_update(x64):
+    params = _random_model(7, dim=3, n_layers=2, include_query=True, momentum=0.4, momentum_kind="dual")
+    batch = ic.sample_tasks(jax.random.PRNGKey(8), 4, 5, 3, x_dist="normal")
+    assert DF.reconstruction_error(params, batch) < 1e-12
+    # The check can fail: a dual form that drops the demonstrations' implicit weights is far off.
+    df = DF.dual_form(params, batch)
+    ref = DF.query_attention_update(params, batch)
+    wrong = df.replace(delta_w_icl=jnp.zeros_like(df.delta_w_icl))
+    assert float(jnp.max(jnp.abs(wrong.output() - ref)) / jnp.max(jnp.abs(ref))) > 1e-3
+
+
+def test_hand_dual_form_is_the_meta_gradient_in_the_y_x_block_only(x64):
+    batch = ic.sample_tasks(jax.random.PRNGKey(9), 6, 7, 4, x_dist="normal")
+    df, meta = D.hand_dual_form(batch, 0.9)
+    chex.assert_shape(meta, (6, 1, 4))
+    errs = D.meta_gradient_errors(df, meta, 4)
+    assert errs["meta_gradient_scale"] > 1e-2
+    assert errs["hand_block_vs_meta_gradient"] < 1e-12 * errs["meta_gradient_scale"]
+    assert errs["hand_off_block_max"] == 0.0
+    # A meta-gradient of the wrong step size is caught.
+    assert D.meta_gradient_errors(df, 2.0 * meta, 4)["hand_block_vs_meta_gradient"] > 1e-2
+
+
+def test_hand_momentum_losses_plain_layer_is_gd_and_retuned_eta_is_no_worse(x64):
+    batch = ic.sample_tasks(jax.random.PRNGKey(10), 64, 6, 3)
+    eta, beta = 1.5, 0.5
+    losses, weights = D.hand_momentum_losses(eta, beta, batch, batch)
+    assert losses["hand GD (1 step)"] == pytest.approx(float(model_loss(ic.GD(eta=eta, steps=1), batch)), rel=1e-12)
+    np.testing.assert_allclose(weights, [(1 - beta ** (6 - i + 1)) / (1 - beta) for i in range(6)], rtol=1e-12)
+    # Tuned on the same tasks over a grid that holds eta itself, the re-tuned dual model is no worse.
+    same = losses[f"hand GD + momentum (dual, beta {beta}), same eta"]
+    assert losses[f"hand GD + momentum (dual, beta {beta}), eta re-tuned"] <= same + 1e-12
+    assert losses[f"hand GD + momentum (values, beta {beta}), same eta"] != pytest.approx(losses["hand GD (1 step)"])
+    with pytest.raises(ValueError, match="beta"):
+        D.hand_momentum_losses(eta, 1.5, batch, batch)

@@ -1,5 +1,6 @@
 """Momentum attention (attention.momentum_update, Arch.momentum) and its exact relations to GD with momentum
-(iclgd_synth.critiques.momentum), all in float64."""
+(iclgd_synth.critiques.momentum), all in float64; the heavy-ball construction (constructions.heavy_ball_params on the
+tokens of tokens.heavy_ball_tokens) against MomentumGD."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from hypothesis import strategies as st
 
 import iclgd_synth as ic
 from iclgd_synth import attention as attn
+from iclgd_synth.constructions import heavy_ball_params
 from iclgd_synth.critiques import momentum as MO
+from iclgd_synth.tokens import heavy_ball_token_dim, heavy_ball_tokens
 
 
 def _loop_momentum(tokens, layer, keys, beta, kind, causal, normalize):
@@ -125,7 +128,7 @@ def test_k_heavy_ball_layers_equal_k_momentum_gd_steps(x64, d, n, out_dim, seed)
     rng = np.random.default_rng(seed)
     batch = ic.sample_tasks(jax.random.PRNGKey(seed), 5, n, d, out_dim=out_dim, x_dist="normal")
     schedules = [(rng.uniform(0.05, 0.6, k), rng.uniform(0.0, 0.95, k)) for k in range(1, 6)]
-    models = tuple(MO.heavy_ball_params(d, e, m, len(e), n, out_dim) for e, m in schedules)
+    models = tuple(heavy_ball_params(d, e, m, len(e), n, out_dim) for e, m in schedules)
     errs = MO.heavy_ball_errors(models, batch, tuple((jnp.asarray(e), jnp.asarray(m)) for e, m in schedules))
     scale = float(np.abs(np.asarray(ic.momentum_gd_predict(batch, jnp.asarray(schedules[-1][0]),
                                                            jnp.asarray(schedules[-1][1]), 5))).max())
@@ -136,11 +139,28 @@ def test_k_heavy_ball_layers_equal_k_momentum_gd_steps(x64, d, n, out_dim, seed)
 
 def test_heavy_ball_layers_with_constant_steps_equal_the_momentum_gd_learner(x64):
     batch = ic.sample_tasks(jax.random.PRNGKey(4), 5, 7, 3, x_dist="normal")
-    params = MO.heavy_ball_params(3, 0.3, 0.8, 4, 7)
+    params = heavy_ball_params(3, 0.3, 0.8, 4, 7)
     ref = np.asarray(ic.MomentumGD(eta=0.3, mu=0.8, steps=4)(batch))
     assert np.max(np.abs(np.asarray(MO.heavy_ball_predict(params, batch)) - ref)) < 1e-10 * max(1.0,
                                                                                                   np.abs(ref).max())
     # mu = 0 is plain GD, and with mu > 0 the prediction differs from it.
-    plain = np.asarray(MO.heavy_ball_predict(MO.heavy_ball_params(3, 0.3, 0.0, 4, 7), batch))
+    plain = np.asarray(MO.heavy_ball_predict(heavy_ball_params(3, 0.3, 0.0, 4, 7), batch))
     assert np.max(np.abs(plain - np.asarray(ic.gd_predict(batch, 0.3, 4)))) < 1e-12
     assert np.max(np.abs(plain - ref)) > 1e-3
+
+
+def test_heavy_ball_tokens_carry_x_y_a_zero_residual_channel_and_a_constant():
+    batch = ic.sample_tasks(jax.random.PRNGKey(5), 2, 4, 3, out_dim=2)
+    tokens = np.asarray(heavy_ball_tokens(batch))
+    assert tokens.shape == (2, 5, heavy_ball_token_dim(3, 2)) == (2, 5, 8)
+    np.testing.assert_array_equal(tokens[:, :4, :3], np.asarray(batch.x))
+    np.testing.assert_array_equal(tokens[:, :4, 3:5], np.asarray(batch.y))
+    np.testing.assert_array_equal(tokens[:, -1, :3], np.asarray(batch.x_query))
+    assert np.all(tokens[:, -1, 3:7] == 0.0) and np.all(tokens[:, :, 5:7] == 0.0) and np.all(tokens[:, :, 7] == 1.0)
+
+
+def test_heavy_ball_params_rejects_a_schedule_of_the_wrong_length():
+    with pytest.raises(ValueError, match=r"eta must be a scalar or have shape \(n_steps,\) = \(3,\)"):
+        heavy_ball_params(2, [0.1, 0.2], 0.5, 3, 4)
+    with pytest.raises(ValueError, match="mu must be"):
+        heavy_ball_params(2, 0.1, [0.5, 0.5], 3, 4)

@@ -31,6 +31,8 @@ P W_V = (eta/N) [[0, 0], [W0, -I]]) three exact statements hold. Each is tested 
      r_m. Then y_j <- y_j - Delta w_k x_j + mu_k r_j and r_j <- -Delta w_k x_j + mu_k r_j: exactly the heavy-ball
      step on every token's residual, and the read-out -y_q is the K-step heavy-ball prediction (learners.MomentumGD).
      Conditions: non-causal keys over the N demonstrations, no normalisation, the constant channel present.
+     The construction is :func:`iclgd_synth.constructions.heavy_ball_params` and its tokens
+     :func:`iclgd_synth.tokens.heavy_ball_tokens`; this module reads them out and compares them with MomentumGD.
 """
 
 from __future__ import annotations
@@ -47,9 +49,10 @@ from iclgd_synth.constructions import gd_params
 from iclgd_synth.learners._common import initial_weights, linear_readout, prepare, step_schedule
 from iclgd_synth.learners.gd import gd_predict
 from iclgd_synth.learners.momentum import momentum_gd_weights
-from iclgd_synth.model import Arch, TransformerParams, forward, predict
+from iclgd_synth.model import TransformerParams, forward, predict
 from iclgd_synth.shapes import Array
 from iclgd_synth.tasks import TaskBatch
+from iclgd_synth.tokens import heavy_ball_tokens
 from iclgd_synth.validation import check_float, check_int
 
 
@@ -117,61 +120,6 @@ def values_momentum_prediction(batch: TaskBatch, eta: Any, beta: Any, w0: Array 
 
 
 # ------------------------------------------------------------------------------------- (b) heavy ball across layers
-
-def heavy_ball_token_dim(dim: int, out_dim: int = 1) -> int:
-    """D' = d + 2 d_out + 1: the tokens (x, y, r, 1)."""
-    return dim + 2 * out_dim + 1
-
-
-def heavy_ball_tokens(batch: TaskBatch) -> Array:
-    """Tokens (x_i, y_i, 0, 1) for the demonstrations and (x_q, 0, 0, 1) for the query, (B, N + 1, D')."""
-    batch, y_BxNxO, _ = prepare(batch)
-    b, n, d = batch.x.shape
-    o = y_BxNxO.shape[-1]
-    dt = batch.x.dtype
-    ctx = jnp.concatenate([batch.x, y_BxNxO, jnp.zeros((b, n, o), dt), jnp.ones((b, n, 1), dt)], axis=-1)
-    q = jnp.concatenate([batch.x_query, jnp.zeros((b, 2 * o), dt), jnp.ones((b, 1), dt)], axis=-1)
-    return jnp.concatenate([ctx, q[:, None]], axis=1)
-
-
-def heavy_ball_layer(dim: int, eta: Any, mu: Any, n_context: int, out_dim: int = 1, dtype: Any = None) -> dict:
-    """One layer (1 + d_out heads, key and value size D') performing one heavy-ball step on every token."""
-    dtype = jnp.dtype(dtype) if dtype is not None else jnp.zeros(()).dtype
-    d, o = check_int("dim", dim, min_value=1), check_int("out_dim", out_dim, min_value=1)
-    n = check_int("n_context", n_context, min_value=1)
-    check_float("eta", eta)
-    check_float("mu", mu)
-    dd = heavy_ball_token_dim(d, o)
-    ys, rs, one = slice(d, d + o), slice(d + o, d + 2 * o), d + 2 * o
-    h = 1 + o
-    w_q = np.zeros((h, dd, dd))
-    w_k = np.zeros((h, dd, dd))
-    w_v = np.zeros((h, dd, dd))
-    w_p = np.zeros((h, dd, dd))
-    w_q[0, :d, :d] = w_k[0, :d, :d] = np.eye(d)           # head 0: scores x_i . x_j
-    w_v[0, ys, ys] = -np.eye(o)                            # value: minus the residual target
-    eye_o = np.eye(o)
-    for m in range(o):                                     # head 1 + m: per-token term r_{j,m}
-        w_k[1 + m, 0, one] = 1.0                           # key: the constant channel
-        w_q[1 + m, 0, d + o + m] = 1.0                     # query: r_{j,m}
-        w_v[1 + m, 0, one] = 1.0                           # value: the constant channel
-    w_p[0, ys, ys] = w_p[0, rs, ys] = float(eta) / n * eye_o   # GD head: onto y and r
-    for m in range(o):
-        w_p[1 + m, d + m, 0] = float(mu) / n                  # mu r onto y
-        w_p[1 + m, d + o + m, 0] = (float(mu) - 1.0) / n      # (mu - 1) r onto r
-    w_q, w_k, w_v, w_p = (jnp.asarray(a, dtype) for a in (w_q, w_k, w_v, w_p))
-    return {"w_q": w_q, "w_k": w_k, "w_v": w_v, "w_p": w_p}
-
-
-def heavy_ball_params(dim: int, eta: Any, mu: Any, n_steps: int, n_context: int, out_dim: int = 1,
-                      dtype: Any = None) -> TransformerParams:
-    """K layers implementing K heavy-ball steps (scalar or per-step ``eta`` and ``mu``), from w = 0."""
-    k = check_int("n_steps", n_steps, min_value=1)
-    etas = np.broadcast_to(np.asarray(eta, np.float64), (k,))
-    mus = np.broadcast_to(np.asarray(mu, np.float64), (k,))
-    layers = tuple(heavy_ball_layer(dim, float(e), float(m), n_context, out_dim, dtype) for e, m in zip(etas, mus))
-    return TransformerParams(layers=layers, arch=Arch())
-
 
 def heavy_ball_predict(params: TransformerParams, batch: TaskBatch) -> Array:
     """Read-out -y of the query after the heavy-ball layers, (B,) or (B, d_out)."""
