@@ -26,6 +26,7 @@ import numpy as np
 
 from iclgd_synth.model import Arch, TransformerParams, check_params
 from iclgd_synth.shapes import Array
+from iclgd_synth.tasks import check_dtype
 from iclgd_synth.tokens import heavy_ball_token_dim
 from iclgd_synth.validation import check_float, check_int, is_concrete
 
@@ -68,7 +69,9 @@ def gd_params(dim: int, eta: Any, n_layers: int = 1, *, n_context: int | None = 
       out_dim: output dimension d_out (>= 1).
       w0: the initial model, (d,) or (d_out, d); None means 0.
       recurrent: one layer applied K times (requires a scalar eta) instead of K separate layers.
+      dtype: a float dtype (None: JAX's default float); an integer dtype would truncate the weights.
     """
+    dtype = check_dtype(dtype)
     etas = _per_layer("eta", eta, n_layers, recurrent)
     return _stack(dim, n_layers, recurrent, n_context,
                   [gd_layer(dim, e, n_context=n_context, out_dim=out_dim, w0=w0, dtype=dtype) for e in etas])
@@ -81,6 +84,7 @@ def gdpp_params(dim: int, eta: Any, gamma: Any, n_layers: int = 1, *, n_context:
     ``n_context`` is required: the step carries 1/N but the input transformation (I - gamma X X^T) does not.
     """
     check_int("n_context", n_context, min_value=1)
+    dtype = check_dtype(dtype)  # an integer dtype would truncate eta / N to 0: a model predicting zeros
     etas = _per_layer("eta", eta, n_layers, recurrent)
     gammas = _per_layer("gamma", gamma, n_layers, recurrent)
     layers = [gd_layer(dim, e, n_context=n_context, out_dim=out_dim, gamma=g, dtype=dtype)

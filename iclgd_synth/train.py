@@ -331,9 +331,9 @@ def train(config: TrainConfig, workdir: str | os.PathLike | None = None, *, prog
             losses[:, start:start + n] = chunk_losses
             start += n
             if bar is not None:
-                bar.update(n)
                 rate = (start - timed_from) * config.batch_size * len(config.seeds) / max(seconds, 1e-9)
-                bar.set_postfix(loss=f"{chunk_losses[:, -1].mean():.4f}", tasks_per_s=f"{rate:.3g}")
+                bar.set_postfix(loss=f"{chunk_losses[:, -1].mean():.4f}", tasks_per_s=f"{rate:.3g}", refresh=False)
+                bar.update(n)
             if on_chunk is not None:
                 on_chunk(start, params)
             if ckpt is not None and (start - last_ckpt >= config.checkpoint_every or start >= config.n_steps):
@@ -427,9 +427,8 @@ def _progress_bar(config: TrainConfig, start: int, enabled: bool):
     from tqdm.auto import tqdm
 
     desc = "train" if start == 0 else f"train (resumed at step {start})"
-    bar = tqdm(total=config.n_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True, miniters=1)
-    bar.set_postfix_str("compiling the training step...")
-    return bar
+    return tqdm(total=config.n_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True, miniters=1,
+                postfix="compiling the training step...")
 
 
 def save_checkpoint(path: Path, config: TrainConfig, params, opt_state, step: int, losses: np.ndarray,
