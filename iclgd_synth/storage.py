@@ -7,13 +7,18 @@ sees the old file, the new one or none, never half of one. Files are created rea
 Checkpoints hold a pytree of arrays serialised by ``flax.serialization`` (msgpack, no pickle) together with a
 fingerprint of its structure (paths, shapes, dtypes); restoring into a different structure raises a clear error that
 names the file and what differs, instead of silently filling the wrong leaves.
+
+:func:`exclusive_lock` keeps two processes from computing the same run at once: a lock file created with
+``O_CREAT | O_EXCL`` holding the owner's pid and host; a lock whose process is gone (same host) is taken over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -133,3 +138,88 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> tuple[Any, dict[str, 
     treedef = jax.tree.structure(like)
     leaves = [jnp.asarray(leaves_in[str(i)], dtype=np.asarray(l).dtype) for i, l in enumerate(jax.tree.leaves(like))]
     return jax.tree.unflatten(treedef, leaves), meta
+
+
+class LockedError(FileExistsError):
+    """The lock is held by another live process."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user
+        return True
+    return True
+
+
+def _read_lock(path: Path) -> tuple[int | None, str]:
+    """(pid, host) written in a lock file; (None, "") when it is unreadable or half-written."""
+    try:
+        fields = path.read_text().split()
+        return int(fields[0]), (fields[1] if len(fields) > 1 else "")
+    except (OSError, ValueError, IndexError):
+        return None, ""
+
+
+@contextlib.contextmanager
+def _guard(folder: Path):
+    """Serialise lock taking among processes of this host (flock on the lock's folder), so that two processes taking
+    over the same stale lock cannot both end up holding it. A no-op where flock is unavailable."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no guard
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def acquire_lock(path: str | os.PathLike, what: str = "this run") -> Path:
+    """Create the lock file ``path`` holding this process's pid and host, or raise :class:`LockedError` naming the
+    owner's pid when another live process holds it. A lock left by a process that no longer exists (on this host) is
+    taken over; a lock from another host is never taken over (its process cannot be checked from here)."""
+    path = Path(path)
+    host = socket.gethostname()
+    with _guard(path.parent):
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
+            except FileExistsError:
+                pid, owner_host = _read_lock(path)
+                if pid is not None and (owner_host not in ("", host) or _pid_alive(pid)):
+                    where = "" if owner_host in ("", host) else f" on host {owner_host}"
+                    raise LockedError(f"another process (pid {pid}{where}) is computing {what}; wait for it to "
+                                      f"finish, or, if that process is gone, delete the lock file {str(path)!r}"
+                                      ) from None
+                with contextlib.suppress(FileNotFoundError):  # stale (or unreadable): take it over
+                    os.unlink(path)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()} {host}\n")
+            return path
+    raise LockedError(f"could not take the lock file {str(path)!r} for {what}; delete it if no process is computing")
+
+
+def release_lock(path: str | os.PathLike) -> None:
+    """Remove the lock file ``path`` if this process holds it (a lock taken over by another process is left alone)."""
+    path = Path(path)
+    pid, host = _read_lock(path)
+    if pid == os.getpid() and host in ("", socket.gethostname()):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str = "this run"):
+    """Hold the lock file ``path`` (:func:`acquire_lock`) for the duration of the block; released on any exit."""
+    lock = acquire_lock(path, what)
+    try:
+        yield lock
+    finally:
+        release_lock(lock)
