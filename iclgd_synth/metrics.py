@@ -220,3 +220,28 @@ def metric_table(rows: Mapping[str, Mapping[str, float]], columns: list[str]) ->
             cells.append("" if v is None else (f"{v:.4g}" if isinstance(v, (float, int, np.floating)) else str(v)))
         body += f"| {name} | " + " | ".join(cells) + " |\n"
     return head + body
+
+
+def position_sensitivities(f: Any, batch: TaskBatch) -> Array:
+    """d y_hat_n / d x_{n+1} for every prefix length n: (B, N + 1, d).
+
+    ``f(batch) -> (B, N + 1)`` predicts y_{n+1} from the first n pairs at every n (a GPT-style model's
+    :func:`~iclgd_synth.gpt.gpt_forward` or a prefix baseline of :mod:`iclgd_synth.learners.prefix`); column n is read
+    at x_{n+1} (x_{N+1} = x_q). The derivative is taken with respect to that input alone (the same x also enters later
+    columns as a demonstration; those paths are not part of column n's sensitivity), one reverse pass per column. For
+    a predictor linear in its query input these are its implicit weights.
+    """
+    batch = validate_batch(batch).replace(w=None)
+    xs = jnp.concatenate([batch.x, batch.x_query[:, None]], axis=1)
+
+    def g(xs_BxPxd):
+        return f(batch.replace(x=xs_BxPxd[:, :-1], x_query=xs_BxPxd[:, -1]))
+
+    out, vjp = jax.vjp(g, xs)
+    if out.ndim != 2 or out.shape != xs.shape[:2]:
+        raise ValueError(f"f must return (B, N + 1) = {xs.shape[:2]} predictions (one per prefix), got {out.shape}")
+
+    def column(n):
+        return vjp(jnp.zeros_like(out).at[:, n].set(1.0))[0][:, n, :]
+
+    return jax.lax.map(column, jnp.arange(out.shape[1])).transpose(1, 0, 2)

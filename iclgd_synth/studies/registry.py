@@ -27,6 +27,10 @@ STUDIES: dict[str, tuple[str, str, str]] = {
              "dual form of linear attention, ICL vs fine-tuning metrics, momentum attention"),
     "causal": ("iclgd_synth.studies.causal", "CAUSAL",
                "layer causality: per-layer ICL updates vs standard and layer-causal fine-tuning"),
+    "emergent": ("iclgd_synth.studies.emergent", "EMERGENT",
+                 "GPT-style models trained on every position vs the ICL objective, at every context length"),
+    "emergent-paper": ("iclgd_synth.studies.emergent", "EMERGENT_PAPER",
+                       "the emergent study at the GPT-style testbeds' size (d = 20, N = 40, 12 layers): accelerators"),
     "preconditioned": ("iclgd_synth.studies.preconditioned", "PRECONDITIONED",
                        "trained 1-layer LSAs on anisotropic inputs against the exact optimal preconditioner G*"),
 }
