@@ -374,14 +374,18 @@ def _check_pool_memory(config: TaskConfig, dtype: Any) -> None:
 
 
 def task_pool(config: TaskConfig, dtype: Any = None, w_scale: Any = None) -> Array:
-    """The finite pool of task weights, (M, d_out, d), drawn from ``config.pool_seed`` alone."""
+    """The finite pool of task weights, (M, d_out, d), drawn from ``config.pool_seed`` alone.
+
+    Pools are nested: task m is drawn from ``fold_in(PRNGKey(pool_seed), m)`` alone, so the pool of size M is the first
+    M tasks of any larger pool with the same seed (a sweep over pool sizes adds tasks, it does not redraw them)."""
     if config.pool_size is None:
         raise ValueError("task_pool needs a config with pool_size set (an integer >= 1)")
     dtype = jnp.zeros(()).dtype if dtype is None else check_dtype(dtype)
     _check_pool_memory(config, dtype)
     key = jax.random.PRNGKey(config.pool_seed)
-    shape = (config.pool_size, config.out_dim, config.dim)
-    return (config.w_scale if w_scale is None else w_scale) * jax.random.normal(key, shape, dtype)
+    keys = jax.vmap(lambda m: jax.random.fold_in(key, m))(jnp.arange(config.pool_size, dtype=jnp.uint32))
+    w = jax.vmap(lambda k: jax.random.normal(k, (config.out_dim, config.dim), dtype))(keys)
+    return (config.w_scale if w_scale is None else w_scale) * w
 
 
 def _coordinate_variance(config: TaskConfig) -> float | None:
