@@ -108,6 +108,12 @@ class DualConfig:
         check_int("export_tasks", self.export_tasks, min_value=1)
         check_int("equivalence_trials", self.equivalence_trials, min_value=1)
         m = self.train.model
+        if not isinstance(m, ModelConfig):
+            raise ValueError(f"train.model must be a ModelConfig (a linear-attention model has a dual form), got "
+                             f"{type(m).__name__}")
+        if getattr(self.train, "objective", "icl") != "icl":
+            raise ValueError(f"train.objective must be 'icl' (the models are compared on the in-context objective), "
+                             f"got {self.train.objective!r}")
         plain = {"attention": (m.attention, "linear"), "n_layers": (m.n_layers, 1), "recurrent": (m.recurrent, False),
                  "causal": (m.causal, False), "include_query": (m.include_query, False), "momentum": (m.momentum, None),
                  "layout": (m.layout, "concat"), "layer_norm": (m.layer_norm, False), "mlp": (m.mlp, False)}
