@@ -5,7 +5,10 @@
 - the time of GD step-size tuning on 10^4 tasks (exact polynomial method, and the grid method for comparison);
 - the LSA forward pass in the dual form vs the quadratic form at N = 10, 100, 1000, 10000 (ratio);
 - the main job (``iclgd run vonoswald``) end to end, in a fresh process, with and without its real-LLM weight
-  comparison (``--no-llm-weights``).
+  comparison (``--no-llm-weights``);
+- with ``--sweep``: sweep throughput (tasks/s, 8 runs of the ``vonoswald`` preset as one program sharded over the
+  devices, :func:`iclgd_synth.sweep.bench_sweep`) on 1, 2, 4 and 8 host CPU devices, each in a fresh process with
+  ``--xla_force_host_platform_device_count``, and on this process's accelerators when there are any.
 
 Timings take the best of a few repeats after a warm-up call, so compilation is excluded except for the main job.
 ``--quick`` runs every part at tiny sizes (a smoke test: the figures are not meaningful); its main job is
@@ -127,8 +130,35 @@ def bench_main_job(quick: bool = False) -> dict[str, Any]:
             "train_seconds": m["train_seconds"], "trained_loss": m["trained_loss"], "gd_loss": m["gd_loss"]}
 
 
-def run_all(quick: bool = False, main_job: bool = True) -> dict[str, Any]:
-    """Every benchmark (``quick``: tiny sizes); ``main_job=False`` leaves out the end-to-end runs."""
+#: Host device counts of the sweep benchmark.
+SWEEP_DEVICE_COUNTS = (1, 2, 4, 8)
+
+
+def bench_sweep_devices(counts: tuple[int, ...] = SWEEP_DEVICE_COUNTS, quick: bool = False) -> list[dict[str, Any]]:
+    """Sweep throughput on ``counts`` host CPU devices (a fresh process each), then on this process's accelerators
+    (GPU / TPU) when the backend is not the CPU."""
+    import os
+    import re
+
+    sizes = dict(n_runs=8, steps=5, batch_size=64, repeats=1) if quick else dict(n_runs=8, steps=50, batch_size=2048)
+    code = f"import json; from iclgd_synth.sweep import bench_sweep; print(json.dumps(bench_sweep(**{sizes!r})))"
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", "")).strip()
+    rows = []
+    for n in counts:
+        env = {**os.environ, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={n}".strip()}
+        done = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+        rows.append({"platform": "cpu", **json.loads(done.stdout.strip().splitlines()[-1])})
+    if jax.default_backend() != "cpu":
+        from iclgd_synth.sweep import bench_sweep
+
+        rows.append({"platform": jax.default_backend(), **bench_sweep(**sizes)})
+    return rows
+
+
+def run_all(quick: bool = False, main_job: bool = True, sweep: bool = False) -> dict[str, Any]:
+    """Every benchmark (``quick``: tiny sizes); ``main_job=False`` leaves out the end-to-end runs, ``sweep=True`` adds
+    the sweep throughput per device count."""
     dev = jax.devices()[0]
     result: dict[str, Any] = {"backend": jax.default_backend(), "device": str(dev.device_kind),
                               "n_devices": jax.device_count(), "quick": quick}
@@ -138,6 +168,8 @@ def run_all(quick: bool = False, main_job: bool = True) -> dict[str, Any]:
                          else bench_forward((10, 100, 1000, 10000)))
     if main_job:
         result["main_job"] = bench_main_job(quick=quick)
+    if sweep:
+        result["sweep"] = bench_sweep_devices(quick=quick)
     return result
 
 
@@ -168,12 +200,21 @@ def format_report(r: dict[str, Any]) -> str:
                   f"  without it (--no-llm-weights)      : {m['seconds_no_llm']:.1f} s",
                   f"  training {m['train_seconds']:.1f} s; trained loss {m['trained_loss']:.4f} vs GD "
                   f"{m['gd_loss']:.4f}"]
+    rows = r.get("sweep")
+    if rows:
+        first = rows[0]
+        lines += ["", f"sweep: {first['runs']} runs of the vonoswald preset as one program, batch {first['batch_size']}"
+                  f", {first['steps']} steps, run axis sharded over the devices:",
+                  "  platform  devices  tasks/s (all runs)"]
+        lines += [f"  {row['platform']:<9s} {row['devices']:<8d} {row['tasks_per_s']:,.0f}" for row in rows]
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test; figures not meaningful)")
     parser.add_argument("--no-main-job", action="store_true", help="leave out the end-to-end main-job runs")
+    parser.add_argument("--sweep", action="store_true",
+                        help="add sweep throughput on 1, 2, 4 and 8 host devices (a fresh process each; slow)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
 
 
@@ -195,7 +236,7 @@ def check_output_path(path: str | Path, option: str = "--json") -> Path:
 
 def main(args: argparse.Namespace) -> int:
     out = check_output_path(args.json) if args.json else None
-    result = run_all(quick=args.quick, main_job=not args.no_main_job)
+    result = run_all(quick=args.quick, main_job=not args.no_main_job, sweep=args.sweep)
     print(format_report(result))
     if out is not None:
         from iclgd_synth.storage import write_text_atomic

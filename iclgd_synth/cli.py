@@ -3,7 +3,8 @@
     iclgd run NAME [--quick] [--set PATH=VALUE] [--seeds S ...]   run a study into runs/NAME-<hash>/
     iclgd report RUN_DIR                  re-render a finished run's report and figures (nothing recomputed)
     iclgd equivalence [--json]            hand-constructed LSA vs explicit GD / GD++ (max abs difference)
-    iclgd bench [--quick] [--no-main-job] speed figures on the current backend
+    iclgd sweep NAME --grid PATH=V1,V2 [--seeds S ...] [--out DIR]   grid x seeds, sharded over every device
+    iclgd bench [--quick] [--no-main-job] [--sweep]   speed figures on the current backend
     iclgd weights --llm smollm2|minilm|PATH --out DIR    weight statistics vs real LLM weights
 
 Each sub-command lives in the module that owns it; this file only parses arguments, and imports only the module of
@@ -22,6 +23,7 @@ COMMANDS = {
     "run": ("iclgd_synth.studies", "run a named study and write its report"),
     "report": ("iclgd_synth.reports.command", "re-render the report of a finished run from its metrics"),
     "equivalence": ("iclgd_synth.equivalence", "hand-constructed LSA weights vs explicit GD and GD++"),
+    "sweep": ("iclgd_synth.sweep", "a study x a grid of overrides x seeds, sharded over every device"),
     "bench": ("iclgd_synth.bench", "speed benchmarks on the current backend"),
     "weights": ("iclgd_synth.weights.command", "compare hand-constructed and trained weights with real LLM weights"),
 }
