@@ -681,7 +681,7 @@ def run_sweep(plan: SweepPlan, out: str | os.PathLike | None = None, *, progress
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     mesh = run_mesh() if mesh is None else mesh
     done_ids = set(read_runs(out)) if writer else set()
-    done_mask = _from_process_0(np.array([r.run_id in done_ids for r in plan.runs], bool))
+    done_mask = _from_process_0(np.array([r.run_id in done_ids for r in plan.runs], np.int32)).astype(bool)
     pending = [r for r, done in zip(plan.runs, done_mask) if not done]
     if writer:
         write_json(out / "sweep.json", {**plan.describe(), "devices": int(mesh.devices.size),
