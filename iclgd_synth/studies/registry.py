@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-
-from iclgd_synth.studies.protocol import Study
+from typing import Any
 
 _GD = "iclgd_synth.studies.gd_comparison"
 
@@ -44,8 +43,8 @@ def describe(name: str) -> str:
     return STUDIES[name][2]
 
 
-def get_study(name: str) -> Study:
-    """The :class:`Study` registered as ``name``; an unknown name raises ValueError with the nearest names."""
+def get_study(name: str) -> Any:
+    """The :class:`~iclgd_synth.studies.protocol.Study` registered as ``name``; an unknown name raises ValueError with the nearest names."""
     if name not in STUDIES:
         near = difflib.get_close_matches(str(name), list(STUDIES), n=3, cutoff=0.4)
         hint = f" (did you mean {', '.join(near)}?)" if near else ""

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from iclgd_synth.weights.collect import Histogram, MatrixRecord, SourceStats
-from iclgd_synth.weights.loaders import WeightSource
+from iclgd_synth.weights.checkpoint import WeightSource
+from iclgd_synth.weights.records import Histogram, MatrixRecord, SourceStats
 
 #: Bump when what a cache entry holds changes in a way the module-source hash would not catch.
 STATS_VERSION = 1
@@ -36,7 +36,8 @@ MAX_ENTRIES = 16
 ENV = "ICLGD_CACHE"
 _OFF = ("0", "off", "false", "no")
 #: Modules whose source enters the key (relative to this package).
-_CODE = ("stats.py", "collect.py", "loaders.py", "gguf_loader.py", "hf_loader.py", "cache.py")
+_CODE = ("stats.py", "collect.py", "records.py", "checkpoint.py", "loaders.py", "gguf_loader.py", "hf_loader.py",
+         "cache.py")
 
 
 def cache_dir(setting: bool | str | Path | None = None) -> Path | None:

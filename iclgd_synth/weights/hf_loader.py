@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iclgd_synth.weights.loaders import (
+from iclgd_synth.weights.checkpoint import (
     INSTALL_WEIGHTS, LayerWeights, ModelInfo, WeightSource, check_layer_shapes, require, score_omissions,
     split_heads_cols, split_heads_rows,
 )
