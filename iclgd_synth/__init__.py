@@ -26,11 +26,9 @@ from iclgd_synth.learners import (
     DMMSE, GD, SGD, Adam, GDPlusPlus, LeastSquares, Learner, MomentumGD, Ridge, Tuned, grid_search, tune, tune_gd,
     tune_gdpp,
 )
-from iclgd_synth.learners import adam_predict, gd_predict, gd_weights, gdpp_predict, momentum_gd_predict, sgd_predict  # noqa: F401  (transitional)
 from iclgd_synth.losses import half_mse
 from iclgd_synth.model import Arch, ModelConfig, TransformerParams, forward, init_params, layer_predictions
-from iclgd_synth.model import lsa_predict, predict  # noqa: F401  (transitional)
-from iclgd_synth.tasks import TASK_PRESETS, TaskBatch, TaskConfig, sample, sample_tasks, task_pool  # noqa: F401
+from iclgd_synth.tasks import TASK_PRESETS, TaskBatch, TaskConfig, sample_tasks, task_pool
 from iclgd_synth.tokens import build_tokens
 
 __version__ = "0.1.0"

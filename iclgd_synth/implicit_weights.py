@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iclgd_synth.learners._common import broadcast_schedule, check_schedule
-from iclgd_synth.learners.least_squares import least_squares_weights
+from iclgd_synth.learners.least_squares import LeastSquares
 from iclgd_synth.model import TransformerParams, check_params, check_token_dim, forward
 from iclgd_synth.shapes import Array
 from iclgd_synth.tasks import TaskBatch, validate_batch
@@ -167,7 +167,7 @@ def compare_layers(params: TransformerParams, batch: TaskBatch, *, eta: Any, gam
     refs = {"gd": flat(np.asarray(gd_iterates(batch, eta, k), np.float64))}
     if gamma is not None:
         refs["gdpp"] = flat(np.asarray(gdpp_iterates(batch, eta, gamma, k), np.float64))
-    ls = np.asarray(least_squares_weights(batch), np.float64)  # (B, O, d)
+    ls = np.asarray(LeastSquares().weights(batch), np.float64)  # (B, O, d)
     ls = flat(ls if batch.vector_output else ls[:, 0])
     refs["ls"] = np.broadcast_to(ls, model.shape)
     out: dict[str, np.ndarray] = {}

@@ -9,6 +9,7 @@ paired t statistic, its two-sided p-value and the effect size d_z = mean(diff) /
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -69,3 +70,25 @@ def format_ci(ci: dict[str, Any], digits: int = 4) -> str:
     if n < 2 or not np.isfinite(ci["lo"]):
         return f"{m:.{digits}g} ({n} seed{'s' * (n != 1)})"
     return f"{m:.{digits}g} [{ci['lo']:.{digits}g}, {ci['hi']:.{digits}g}] ({n} seeds)"
+
+
+def combine_seeds(entries: Sequence[Any]) -> Any:
+    """Per-seed results (same structure) combined leaf by leaf: floats averaged over the finite values (NaN when
+    none is), integers (counts) summed, lists element-wise, other values (strings, flags) from the first seed.
+    One seed: its values unchanged."""
+    first = entries[0]
+    if isinstance(first, dict):
+        return {key: combine_seeds([e[key] for e in entries]) for key in first}
+    if isinstance(first, (list, tuple)):
+        if any(len(e) != len(first) for e in entries):
+            raise ValueError("combine_seeds needs per-seed lists of the same length")
+        return [combine_seeds([e[i] for e in entries]) for i in range(len(first))]
+    if isinstance(first, (bool, np.bool_, str)) or first is None:
+        return first
+    if isinstance(first, (int, np.integer)):
+        return int(sum(int(e) for e in entries))
+    if len(entries) == 1:
+        return float(first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all NaN (an undefined cell): NaN
+        return float(np.nanmean(np.asarray(entries, np.float64)))

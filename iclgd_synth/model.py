@@ -297,7 +297,6 @@ def _predict(params: TransformerParams, batch: TaskBatch, w0: Array | None, *, f
 
 
 #: The public name: the linear self-attention (or any :class:`TransformerParams`) Transformer's prediction.
-lsa_predict = predict
 
 
 def layer_predictions(params: TransformerParams, batch: TaskBatch, *, form: str = "auto") -> Array:

@@ -48,7 +48,7 @@ its indices are equal), with m = k1, 1 the vector of ones and Diag(v) the diagon
 For centred laws it reduces to k2^2 (tr(A) I + 2A) + k4 Diag(diag A), the Gaussian's Isserlis formula plus an
 excess-kurtosis term.
 
-**K steps of GD from W0 = 0** (``gd_predict``): W_K x_q with R = (I - eta S_N)^K, P = eta sum_{k<K} (I - eta S_N)^k,
+**K steps of GD from W0 = 0** (``GD(eta, steps)``): W_K x_q with R = (I - eta S_N)^K, P = eta sum_{k<K} (I - eta S_N)^k,
 
     MSE(eta) = E[ tr(S R W2 R) + (d_out sigma^2 / N) tr(S P S_N P) ] + d_out sigma^2        (no label corruption)
 
@@ -447,7 +447,7 @@ def estimate_gd_loss(task: TaskConfig, steps: int = 1, *, n_tasks: int = 100_000
 def preconditioned_predict(batch: TaskBatch, g: Any) -> Array:
     """y_hat = x_q^T G h with h = (1/N) sum_i y_i x_i, (B,) (or (B, d_out), the same G for every output).
 
-    G = eta I is exactly one GD step from W0 = 0 with step eta (``gd_predict(batch, eta, 1)``).
+    G = eta I is exactly one GD step from W0 = 0 with step eta (``GD(eta, 1)(batch)``).
     """
     batch = validate_batch(batch)
     g = jnp.asarray(_check_matrix("g", g, batch.dim), batch.x.dtype)

@@ -102,7 +102,7 @@ def test_weights_without_n_context_implement_gd_for_every_n(x64):
     assert params.arch.normalize
     for n in (1, 3, 9):
         batch = _uniform_batch(n, 8, n, 3)
-        _assert_equal_predictions(jax.jit(ic.lsa_predict)(params, batch), ic.GD(eta=1.5, steps=2)(batch))
+        _assert_equal_predictions(jax.jit(predict)(params, batch), ic.GD(eta=1.5, steps=2)(batch))
 
 
 def test_weights_with_eta_over_n_in_p_implement_a_rescaled_step_for_another_n(x64):
@@ -110,7 +110,7 @@ def test_weights_with_eta_over_n_in_p_implement_a_rescaled_step_for_another_n(x6
     # eta * N' / N (the coupling criticised in "Do pretrained Transformers Learn In-Context by Gradient Descent?").
     params = ic.gd_params(3, 1.5, 2, n_context=6)
     batch = _uniform_batch(3, 8, 4, 3)
-    hand = jax.jit(ic.lsa_predict)(params, batch)
+    hand = jax.jit(predict)(params, batch)
     _assert_equal_predictions(hand, ic.GD(eta=1.5 * 4 / 6, steps=2)(batch))
     assert _max_abs(hand, ic.GD(eta=1.5, steps=2)(batch)) > 1e-3
 
@@ -149,7 +149,7 @@ def test_from_products_of_hand_weights_reproduces_gd(x64):
     kq, pv = zip(*(attn.head_products(layer) for layer in params.layers))
     rebuilt = ic.from_products(jnp.concatenate(kq), jnp.concatenate(pv), arch=params.arch)
     batch = _uniform_batch(4, 8, 6, 4)
-    _assert_equal_predictions(jax.jit(ic.lsa_predict)(rebuilt, batch), ic.GD(eta=jnp.array([1.0, 2.0, 3.0]), steps=3)(batch))
+    _assert_equal_predictions(jax.jit(predict)(rebuilt, batch), ic.GD(eta=jnp.array([1.0, 2.0, 3.0]), steps=3)(batch))
 
 
 def test_gd_params_vmaps_over_step_sizes_and_jits_with_per_layer_step_sizes(x64):
@@ -220,7 +220,7 @@ class HandWeightsVariantsTest(chex.TestCase):
     def test_hand_weights_match_gd_with_and_without_jit(self, recurrent):
         batch = _uniform_batch(7, 32, 10, 10).validated()
         params = ic.gd_params(10, 3.0, 3, n_context=10, recurrent=recurrent)
-        hand = self.variant(ic.lsa_predict)(params, batch)
+        hand = self.variant(predict)(params, batch)
         explicit = self.variant(lambda b: ic.GD(eta=3.0, steps=3)(b))(batch)
         chex.assert_shape(hand, (32,))
         chex.assert_trees_all_close(hand, explicit, atol=FLOAT32_BOUND)
@@ -291,6 +291,6 @@ def test_causal_hand_model_first_layer_uses_prefix_gd_steps(x64):
     out = ic.forward(params, ic.build_tokens(batch), 5)
     for t in range(5):
         prefix = dataclasses.replace(batch, x=batch.x[:, :t + 1], y=batch.y[:, :t + 1])
-        dw = ic.gd_weights(prefix, 1.5 * (t + 1) / 5, 1)[:, 0]  # P = eta / N with N = 5, sum over t + 1 terms
+        dw = ic.GD(eta=1.5 * (t + 1) / 5, steps=1).weights(prefix)[:, 0]  # P = eta / N with N = 5, sum over t + 1 terms
         expected = batch.y[:, t] - jnp.einsum("bd,bd->b", dw, batch.x[:, t])
         np.testing.assert_allclose(np.asarray(out[:, t, 2]), np.asarray(expected), atol=1e-12)

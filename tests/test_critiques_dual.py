@@ -72,7 +72,7 @@ def _hand_dual(batch, w0, eta):
     d, n = batch.dim, batch.n_context
     df = DF.dual_form(ic.gd_params(d, eta, n_context=n, w0=w0), batch, w0=w0)
     # eta * grad L(W0) = -(W1 - W0): the negative of the GD step's update.
-    return df, -(ic.gd_weights(batch, eta, 1, w0) - w0[None, None])
+    return df, -(ic.GD(eta=eta, steps=1, w0=w0).weights(batch) - w0[None, None])
 
 
 @settings(max_examples=4)

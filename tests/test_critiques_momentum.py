@@ -72,11 +72,11 @@ def test_momentum_zero_equals_no_momentum_and_positive_beta_changes_the_predicti
     config = ic.ModelConfig(dim=3, n_layers=2, n_heads=2, causal=True, init_scale=2.0)
     params = ic.init_params(jax.random.PRNGKey(0), config)
     batch = ic.sample_tasks(jax.random.PRNGKey(1), 5, 6, 3, x_dist="normal")
-    base = np.asarray(ic.predict(params, batch))
+    base = np.asarray(predict(params, batch))
     with_arch = lambda beta: params.replace(arch=dataclasses.replace(params.arch, momentum=beta,  # noqa: E731
                                                                      momentum_kind=kind))
-    assert np.max(np.abs(np.asarray(ic.predict(with_arch(0.0), batch)) - base)) < 1e-14
-    assert np.max(np.abs(np.asarray(ic.predict(with_arch(0.7), batch)) - base)) > 1e-4
+    assert np.max(np.abs(np.asarray(predict(with_arch(0.0), batch)) - base)) < 1e-14
+    assert np.max(np.abs(np.asarray(predict(with_arch(0.7), batch)) - base)) > 1e-4
 
 
 def test_momentum_options_are_validated():
@@ -115,9 +115,9 @@ def test_values_momentum_adds_a_term_that_does_not_depend_on_the_query(x64):
     batch = ic.sample_tasks(jax.random.PRNGKey(3), 6, 5, 3, x_dist="normal")
     hand = ic.gd_params(3, 0.7, n_context=5)
     model = hand.replace(arch=dataclasses.replace(hand.arch, momentum=0.6, momentum_kind="values"))
-    bias = np.asarray(ic.predict(model, batch)) - np.asarray(ic.gd_predict(batch, 0.7, 1))
+    bias = np.asarray(predict(model, batch)) - np.asarray(ic.GD(eta=0.7, steps=1)(batch))
     shifted = batch.replace(x_query=2.0 * batch.x_query + 1.0)
-    bias2 = np.asarray(ic.predict(model, shifted)) - np.asarray(ic.gd_predict(shifted, 0.7, 1))
+    bias2 = np.asarray(predict(model, shifted)) - np.asarray(ic.GD(eta=0.7, steps=1)(shifted))
     assert np.abs(bias).max() > 1e-3
     assert np.max(np.abs(bias2 - bias)) < 1e-12
 
@@ -130,8 +130,7 @@ def test_k_heavy_ball_layers_equal_k_momentum_gd_steps(x64, d, n, out_dim, seed)
     schedules = [(rng.uniform(0.05, 0.6, k), rng.uniform(0.0, 0.95, k)) for k in range(1, 6)]
     models = tuple(heavy_ball_params(d, e, m, len(e), n, out_dim) for e, m in schedules)
     errs = MO.heavy_ball_errors(models, batch, tuple((jnp.asarray(e), jnp.asarray(m)) for e, m in schedules))
-    scale = float(np.abs(np.asarray(ic.momentum_gd_predict(batch, jnp.asarray(schedules[-1][0]),
-                                                           jnp.asarray(schedules[-1][1]), 5))).max())
+    scale = float(np.abs(np.asarray(ic.MomentumGD(eta=jnp.asarray(schedules[-1][0]), mu=jnp.asarray(schedules[-1][1]), steps=5)(batch))).max())
     assert scale > 1e-3
     for k, err in zip(range(1, 6), errs):
         assert float(err) < 1e-10 * max(1.0, scale), k
@@ -145,7 +144,7 @@ def test_heavy_ball_layers_with_constant_steps_equal_the_momentum_gd_learner(x64
                                                                                                   np.abs(ref).max())
     # mu = 0 is plain GD, and with mu > 0 the prediction differs from it.
     plain = np.asarray(MO.heavy_ball_predict(heavy_ball_params(3, 0.3, 0.0, 4, 7), batch))
-    assert np.max(np.abs(plain - np.asarray(ic.gd_predict(batch, 0.3, 4)))) < 1e-12
+    assert np.max(np.abs(plain - np.asarray(ic.GD(eta=0.3, steps=4)(batch)))) < 1e-12
     assert np.max(np.abs(plain - ref)) > 1e-3
 
 

@@ -100,7 +100,7 @@ def test_causal_hand_model_is_invariant_with_one_layer_and_sensitive_with_two(x6
 
 
 def _causal_loss(batch, eta, k):
-    pred = ic.predict(causal_hand_params(batch.dim, eta, k, batch.n_context), batch)
+    pred = predict(causal_hand_params(batch.dim, eta, k, batch.n_context), batch)
     return float(np.mean(0.5 * (np.asarray(pred) - np.asarray(batch.y_query)) ** 2))
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from iclgd_synth import implicit_weights as iw
 from iclgd_synth.constructions import from_products, gd_params, gdpp_params
-from iclgd_synth.learners import gd_weights
+from iclgd_synth.learners import GD
 from iclgd_synth.learners.gdpp import GDPlusPlus
 from iclgd_synth.metrics import sensitivities
 from iclgd_synth.model import layer_predictions
@@ -57,7 +57,7 @@ def test_k_layer_hand_weights_implicit_weights_equal_gd_iterates(x64, dn, seed, 
     gd = iw.gd_iterates(batch, etas, 3)
     np.testing.assert_allclose(iw.layer_implicit_weights(gd_params(d, etas, 3, n_context=n), batch), gd,
                                rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(gd[1], gd_weights(batch, etas[:2], 2)[:, 0], rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(gd[1], GD(eta=etas[:2], steps=2).weights(batch)[:, 0], rtol=1e-12, atol=1e-13)
 
 
 @given(dn=st.sampled_from(SIZES), seed=st.integers(0, 1000), gammas=st.lists(st.floats(0.0, 0.3), min_size=3,

@@ -22,7 +22,7 @@ from iclgd_synth.model import forward, layer_norm, predict
 from iclgd_synth.tokens import build_tokens, n_context_tokens, read_out
 
 # Jitting the whole prediction compiles one program per shape (~0.1 s) instead of one per eager op (~0.5 s in all).
-_predict = jax.jit(ic.lsa_predict, static_argnames=("form",))
+_predict = jax.jit(predict, static_argnames=("form",))
 _forward = jax.jit(forward, static_argnums=(2,), static_argnames=("form", "query_only", "return_all"))
 
 
@@ -273,7 +273,7 @@ class ModelVariantsTest(chex.TestCase):
         config = ic.ModelConfig(dim=4, **options)
         params = jax.tree.map(lambda a: a.astype(jnp.float32), _random_params(0, config, 6))
         batch = _np_batch(1, 5, 6, 4, config.out_dim).validated()
-        out = self.variant(ic.lsa_predict)(params, batch)
+        out = self.variant(predict)(params, batch)
         chex.assert_shape(out, (5, config.out_dim) if config.out_dim > 1 else (5,))
         chex.assert_tree_all_finite(out)
         assert float(jnp.max(jnp.abs(out))) > 1e-4  # the attention did something

@@ -13,7 +13,7 @@ import pytest
 
 from iclgd_synth.studies import causal as study_module
 from iclgd_synth.studies import protocol, run_study
-from iclgd_synth.studies.causal import combine_seeds
+from iclgd_synth.intervals import combine_seeds
 from iclgd_synth.studies.registry import get_study
 
 # The quick preset shrunk further: 30 training steps, 60 tasks, one fine-tuning step, two step sizes.

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 
+from iclgd_synth.intervals import combine_seeds
 from iclgd_synth.studies import dual as S
 from iclgd_synth.studies import protocol, run_study
 from iclgd_synth.studies.registry import get_study
@@ -127,10 +128,10 @@ def test_seeds_combine_as_means_of_floats_sums_of_counts_and_intervals():
                 "momentum_models": {"LSA": {"final_train_loss": x, "test_loss": x}}}
 
     seeds = [entry(0.2, 10), entry(0.4, 30)]
-    combined = S._combine_seeds([s["icl_vs_ft"] for s in seeds])["1"]
+    combined = combine_seeds([s["icl_vs_ft"] for s in seeds])["1"]
     assert combined["simaou"]["mean"] == pytest.approx(0.3) and combined["simaou"]["n"] == 40
     assert combined["simam_delta_defined"] is False
-    ml = S._combine_seeds([s["simam_delta_multilayer"] for s in seeds])["1"]
+    ml = combine_seeds([s["simam_delta_multilayer"] for s in seeds])["1"]
     assert math.isnan(ml["simam_delta"][0]) and ml["simam_delta"][1] == pytest.approx(0.3)
     ci = S._seed_ci(seeds, multilayer=True)
     assert ci["icl_model_loss"]["n"] == 2 and ci["icl_model_loss"]["lo"] < 0.3 < ci["icl_model_loss"]["hi"]

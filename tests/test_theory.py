@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from iclgd_synth import theory
 from iclgd_synth.constructions import from_products, gd_params, split_heads
-from iclgd_synth.learners import gd_predict
+from iclgd_synth.learners import GD
 from iclgd_synth.losses import per_task_half_se
 from iclgd_synth.metrics import input_second_moment
 from iclgd_synth.model import predict
@@ -135,7 +135,7 @@ def _numpy_batch(d: int, n: int, seed: int, b: int = 16) -> TaskBatch:
 def test_identity_preconditioner_equals_one_gd_step_and_lsa(x64, dn, eta, seed):
     d, n = dn
     batch = _numpy_batch(d, n, seed)
-    np.testing.assert_allclose(theory.preconditioned_predict(batch, eta * np.eye(d)), gd_predict(batch, eta, 1),
+    np.testing.assert_allclose(theory.preconditioned_predict(batch, eta * np.eye(d)), GD(eta=eta, steps=1)(batch),
                                rtol=1e-12, atol=1e-12)
     g = np.random.default_rng(seed).standard_normal((d, d))
     want = theory.preconditioned_predict(batch, g)
@@ -248,7 +248,7 @@ def test_k_step_gd_exact_loss_matches_monte_carlo_for_gaussian_inputs(x64, steps
     batch = sample(jax.random.PRNGKey(3), task, MC_SIZE)
     yq = np.asarray(batch.y_query)
     for eta in (0.5 * eta_star, eta_star, 1.4 * eta_star):
-        per_task = 0.5 * (np.asarray(gd_predict(batch, eta, steps)) - yq) ** 2
+        per_task = 0.5 * (np.asarray(GD(eta=eta, steps=steps)(batch)) - yq) ** 2
         exact = float(theory.gd_population_loss(task, eta, steps))
         assert abs(per_task.mean() - exact) < Z_TOL * per_task.std(ddof=1) / np.sqrt(per_task.size)
     # The estimator integrates everything but the context inputs in closed form: unbiased, smaller error.
@@ -275,7 +275,7 @@ def test_gd_loss_estimate_matches_sampled_losses_for_uniform_inputs(x64):
     task = MC_TASKS[0]  # uniform; the sampler compiled for the test above serves this one too
     est = theory.estimate_gd_loss(task, 2, n_tasks=MC_SIZE, chunk=MC_SIZE, seed=11)
     eta = est.minimize()[0]
-    mc, se = _mc_half_se(task, lambda b: gd_predict(b, eta, 2), MC_SIZE, seed=12)
+    mc, se = _mc_half_se(task, lambda b: GD(eta=eta, steps=2)(b), MC_SIZE, seed=12)
     assert abs(est.loss(eta) - mc) < Z_TOL * np.hypot(est.standard_error(eta), se)
     one = theory.estimate_gd_loss(task, 1, n_tasks=MC_SIZE, chunk=MC_SIZE, seed=11)  # K = 1: the exact quadratic
     eta1 = theory.optimal_eta(task)

@@ -55,7 +55,7 @@ from iclgd_synth.critiques import causality as CA
 from iclgd_synth.critiques import finetune as F
 from iclgd_synth.critiques import momentum as MO
 from iclgd_synth.dual_form import DualForm, dual_form
-from iclgd_synth.learners import gd_weights
+from iclgd_synth.learners import GD
 from iclgd_synth.metrics import loss as model_loss
 from iclgd_synth.model import TransformerParams
 from iclgd_synth.shapes import Array
@@ -71,7 +71,7 @@ def hand_dual_form(batch: TaskBatch, eta: float) -> tuple[DualForm, Array]:
     negative of the GD step's update from W0 = 0, (B, 1, d) (float64 recommended)."""
     batch = validate_batch(batch)
     hand = gd_params(batch.dim, eta, n_context=batch.n_context)
-    return dual_form(hand, batch), -gd_weights(batch, eta, 1)
+    return dual_form(hand, batch), -GD(eta=eta, steps=1).weights(batch)
 
 
 def meta_gradient_errors(df_hand: DualForm, meta_BxOxd: Array, dim: int) -> dict[str, float]:

@@ -47,8 +47,8 @@ import numpy as np
 
 from iclgd_synth.constructions import gd_params
 from iclgd_synth.learners._common import initial_weights, linear_readout, prepare, step_schedule
-from iclgd_synth.learners.gd import gd_predict
-from iclgd_synth.learners.momentum import momentum_gd_weights
+from iclgd_synth.learners.gd import GD
+from iclgd_synth.learners.momentum import MomentumGD
 from iclgd_synth.model import TransformerParams, forward, predict
 from iclgd_synth.shapes import Array
 from iclgd_synth.tasks import TaskBatch
@@ -136,7 +136,7 @@ def heavy_ball_reference(batch: TaskBatch, eta: Any, mu: Any, n_steps: int) -> A
     batch, _, _ = prepare(batch)
     etas = step_schedule("eta", eta, n_steps, batch.x.dtype)
     mus = step_schedule("mu", mu, n_steps, batch.x.dtype)
-    return linear_readout(momentum_gd_weights(batch, etas, mus, n_steps), batch.x_query, batch.vector_output)
+    return linear_readout(MomentumGD(eta=etas, mu=mus, steps=n_steps).weights(batch), batch.x_query, batch.vector_output)
 
 
 # ------------------------------------------------------------------------------------------------- measured errors
@@ -153,7 +153,7 @@ def relation_errors(batch: TaskBatch, w0: Array, eta: float, beta: float) -> dic
     ref_w = jnp.einsum("bod,bd->b", weighted_gd_step(batch, eta, c, w0), batch.x_query)
     ref_hb = jnp.einsum("bod,bd->b", heavy_ball_at_w0(batch, eta, beta, w0), batch.x_query)
     ref_aff = values_momentum_prediction(batch, eta, beta, w0)
-    plain = gd_predict(batch, eta * float(np.mean(c)), 1, w0)
+    plain = GD(eta=eta * float(np.mean(c)), steps=1, w0=w0)(batch)
     return {"a1_weighted_gd": jnp.max(jnp.abs(pred["dual"] - ref_w)),
             "a1_heavy_ball_at_w0": jnp.max(jnp.abs(pred["dual"] - ref_hb)),
             "a2_affine_gd": jnp.max(jnp.abs(pred["values"] - ref_aff)), "scale": jnp.max(jnp.abs(ref_w)),

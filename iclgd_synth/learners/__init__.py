@@ -14,15 +14,14 @@ learner can be vmapped over step sizes, and a functional form ``*_predict(batch,
 
 from iclgd_synth.learners._common import Learner
 from iclgd_synth.learners.dmmse import DMMSE
-from iclgd_synth.learners.gd import GD, gd_predict, gd_weights
-from iclgd_synth.learners.gdpp import GDPlusPlus, gdpp_predict
+from iclgd_synth.learners.gd import GD
+from iclgd_synth.learners.gdpp import GDPlusPlus
 from iclgd_synth.learners.least_squares import LeastSquares, Ridge
-from iclgd_synth.learners.momentum import MomentumGD, momentum_gd_predict
-from iclgd_synth.learners.sgd import SGD, Adam, adam_predict, sgd_predict
+from iclgd_synth.learners.momentum import MomentumGD
+from iclgd_synth.learners.sgd import SGD, Adam
 from iclgd_synth.learners.tuning import Tuned, grid_search, tune, tune_gd, tune_gdpp
 
 __all__ = [
     "Adam", "DMMSE", "GD", "GDPlusPlus", "LeastSquares", "Learner", "MomentumGD", "Ridge", "SGD", "Tuned",
-    "adam_predict", "gd_predict", "gd_weights", "gdpp_predict", "grid_search", "momentum_gd_predict", "sgd_predict",
-    "tune", "tune_gd", "tune_gdpp",
+    "grid_search", "tune", "tune_gd", "tune_gdpp",
 ]

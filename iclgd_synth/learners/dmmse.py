@@ -45,8 +45,3 @@ class DMMSE(Learner):
         sq_BxM = jnp.sum((pred_BxMxNxO - batch.labels_BxNxO()[:, None]) ** 2, axis=(-1, -2))
         post_BxM = jax.nn.softmax(-sq_BxM / (2 * self.noise**2), axis=-1)
         return jnp.einsum("bm,mod->bod", post_BxM, pool_MxOxd)
-
-
-def dmmse_weights(batch: TaskBatch, pool: Array, noise: Any) -> Array:
-    """Transitional: ``DMMSE(pool, noise).weights(batch)``."""
-    return DMMSE(pool=pool, noise=noise).weights(batch)

@@ -51,13 +51,3 @@ class GD(Learner):
         w, _ = jax.lax.scan(step, start_weights(batch, self.w0),
                             broadcast_schedule(self.eta, self.steps, x_BxNxd.dtype))
         return w
-
-
-def gd_weights(batch: TaskBatch, eta: Any, steps: int = 1, w0: Array | None = None) -> Array:
-    """Transitional: ``GD(eta, steps, w0).weights(batch)`` (removed once every caller uses the class)."""
-    return GD(eta=eta, steps=steps, w0=w0).weights(batch)
-
-
-def gd_predict(batch: TaskBatch, eta: Any, steps: int = 1, w0: Array | None = None) -> Array:
-    """Transitional: ``GD(eta, steps, w0)(batch)`` (removed once every caller uses the class)."""
-    return GD(eta=eta, steps=steps, w0=w0)(batch)

@@ -75,8 +75,3 @@ class GDPlusPlus(Learner):
     def readout(self, batch: TaskBatch) -> Array:
         pred = self._scan(batch, track_transform=False)[0]
         return pred if batch.vector_output else pred[:, 0]
-
-
-def gdpp_predict(batch: TaskBatch, eta: Any, gamma: Any, steps: int = 1) -> Array:
-    """Transitional: ``GDPlusPlus(eta, gamma, steps)(batch)`` (removed once every caller uses the class)."""
-    return GDPlusPlus(eta=eta, gamma=gamma, steps=steps)(batch)

@@ -44,13 +44,3 @@ class Ridge(Learner):
         gram = jnp.einsum("bnd,bne->bde", batch.x, batch.x) + self.lam * jnp.eye(batch.dim, dtype=batch.x.dtype)
         rhs = jnp.einsum("bnd,bno->bdo", batch.x, batch.labels_BxNxO())
         return jnp.swapaxes(jnp.linalg.solve(gram, rhs), -1, -2)
-
-
-def least_squares_weights(batch: TaskBatch) -> Array:
-    """Transitional: ``LeastSquares().weights(batch)``."""
-    return LeastSquares().weights(batch)
-
-
-def ridge_weights(batch: TaskBatch, lam: Any) -> Array:
-    """Transitional: ``Ridge(lam).weights(batch)``."""
-    return Ridge(lam=lam).weights(batch)

@@ -51,13 +51,3 @@ class MomentumGD(Learner):
         hps = (broadcast_schedule(self.eta, self.steps, x.dtype), broadcast_schedule(self.mu, self.steps, x.dtype))
         (w, _), _ = jax.lax.scan(step, (w_init, w_init), hps)
         return w
-
-
-def momentum_gd_weights(batch: TaskBatch, eta: Any, mu: Any, steps: int = 1, w0: Array | None = None) -> Array:
-    """Transitional: ``MomentumGD(eta, mu, steps, w0).weights(batch)``."""
-    return MomentumGD(eta=eta, mu=mu, steps=steps, w0=w0).weights(batch)
-
-
-def momentum_gd_predict(batch: TaskBatch, eta: Any, mu: Any, steps: int = 1, w0: Array | None = None) -> Array:
-    """Transitional: ``MomentumGD(eta, mu, steps, w0)(batch)``."""
-    return MomentumGD(eta=eta, mu=mu, steps=steps, w0=w0)(batch)

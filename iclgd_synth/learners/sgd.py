@@ -114,25 +114,3 @@ class Adam(Learner):
         ts = jnp.arange(1, xs.shape[0] + 1, dtype=batch.x.dtype)
         (w, _, _), _ = jax.lax.scan(step, (w, jnp.zeros_like(w), jnp.zeros_like(w)), (ts, xs, ys))
         return w
-
-
-def sgd_weights(batch: TaskBatch, eta: Any, epochs: int = 1, batch_size: int = 1, w0: Array | None = None) -> Array:
-    """Transitional: ``SGD(eta, epochs, batch_size, w0).weights(batch)``."""
-    return SGD(eta=eta, epochs=epochs, batch_size=batch_size, w0=w0).weights(batch)
-
-
-def sgd_predict(batch: TaskBatch, eta: Any, epochs: int = 1, batch_size: int = 1, w0: Array | None = None) -> Array:
-    """Transitional: ``SGD(eta, epochs, batch_size, w0)(batch)``."""
-    return SGD(eta=eta, epochs=epochs, batch_size=batch_size, w0=w0)(batch)
-
-
-def adam_weights(batch: TaskBatch, lr: Any, epochs: int = 1, batch_size: int = 1, b1: float = 0.9,
-                 b2: float = 0.999, eps: float = 1e-8, w0: Array | None = None) -> Array:
-    """Transitional: ``Adam(...).weights(batch)``."""
-    return Adam(lr=lr, epochs=epochs, batch_size=batch_size, b1=b1, b2=b2, eps=eps, w0=w0).weights(batch)
-
-
-def adam_predict(batch: TaskBatch, lr: Any, epochs: int = 1, batch_size: int = 1, b1: float = 0.9,
-                 b2: float = 0.999, eps: float = 1e-8, w0: Array | None = None) -> Array:
-    """Transitional: ``Adam(...)(batch)``."""
-    return Adam(lr=lr, epochs=epochs, batch_size=batch_size, b1=b1, b2=b2, eps=eps, w0=w0)(batch)

@@ -18,7 +18,6 @@ rendered by :mod:`iclgd_synth.reports.causal`.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, Sequence
 
 import jax
@@ -26,7 +25,7 @@ import numpy as np
 
 from iclgd_synth.critiques import causality as CA
 from iclgd_synth.critiques import finetune as F
-from iclgd_synth.intervals import mean_ci
+from iclgd_synth.intervals import combine_seeds, mean_ci
 from iclgd_synth.learners import tune_gd
 from iclgd_synth.model import ModelConfig
 from iclgd_synth.precision import float64
@@ -148,28 +147,6 @@ def compute(config: CausalConfig, run: Run) -> dict[str, Any]:
     per_seed_cmp = [CA.comparisons(s, config.ft_steps) for s in per_seed]
     cmp_ = {**combine_seeds(per_seed_cmp), "per_seed": per_seed_cmp, "ci": _comparison_ci(per_seed_cmp)}
     return {"seeds": seeds, "n_seeds": len(seeds), "models": models, "hand_control": hand, "comparisons": cmp_}
-
-
-def combine_seeds(entries: Sequence[Any]) -> Any:
-    """Per-seed results (same structure) combined leaf by leaf: floats averaged over the finite values (NaN when
-    none is), integers (counts) summed, lists element-wise, other values (strings, flags) from the first seed.
-    One seed: its values unchanged."""
-    first = entries[0]
-    if isinstance(first, dict):
-        return {key: combine_seeds([e[key] for e in entries]) for key in first}
-    if isinstance(first, (list, tuple)):
-        if any(len(e) != len(first) for e in entries):
-            raise ValueError("combine_seeds needs per-seed lists of the same length")
-        return [combine_seeds([e[i] for e in entries]) for i in range(len(first))]
-    if isinstance(first, (bool, np.bool_, str)) or first is None:
-        return first
-    if isinstance(first, (int, np.integer)):
-        return int(sum(int(e) for e in entries))
-    if len(entries) == 1:
-        return float(first)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all NaN (an undefined cell): NaN
-        return float(np.nanmean(np.asarray(entries, np.float64)))
 
 
 def _model_ci(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:

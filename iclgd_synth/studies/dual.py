@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 from typing import Any, Sequence
 
 import jax
@@ -35,7 +34,7 @@ import numpy as np
 from iclgd_synth.constructions import gd_params
 from iclgd_synth.critiques import dual as D
 from iclgd_synth.dual_form import dual_form, export_dual_forms, reconstruction_error
-from iclgd_synth.intervals import mean_ci
+from iclgd_synth.intervals import combine_seeds, mean_ci
 from iclgd_synth.learners import tune_gd
 from iclgd_synth.metrics import loss as model_loss
 from iclgd_synth.model import ModelConfig, TransformerParams
@@ -190,20 +189,20 @@ def compute(config: DualConfig, run: Run) -> dict[str, Any]:
                     **{f"losses/{label}": np.asarray(r.losses) for label, r in results.items()})
 
     recon = {label: max(s["relative_reconstruction_error"][label] for s in per_seed) for label in results}
-    momentum_models = _combine_seeds([s["momentum_models"] for s in per_seed])
+    momentum_models = combine_seeds([s["momentum_models"] for s in per_seed])
     for label, r in results.items():
         momentum_models[label]["train_seconds"] = r.train_seconds
     metrics: dict[str, Any] = {
         "seeds": seeds, "n_seeds": len(seeds), "gd_eta": eta,
         "dual_form": {"relative_reconstruction_error": recon, **hand_checks},
-        "icl_vs_ft": {"model": IQ_LABEL, "by_steps": _combine_seeds([s["icl_vs_ft"] for s in per_seed]),
-                      "icl_model_loss": _combine_seeds([s["icl_model_loss"] for s in per_seed]),
+        "icl_vs_ft": {"model": IQ_LABEL, "by_steps": combine_seeds([s["icl_vs_ft"] for s in per_seed]),
+                      "icl_model_loss": combine_seeds([s["icl_model_loss"] for s in per_seed]),
                       "hand_control": hand_ft},
     }
     if ml_label is not None:
         metrics["simam_delta_multilayer"] = {
             "model": ml_label, "n_layers": config.multilayer_depth,
-            "by_steps": _combine_seeds([s["simam_delta_multilayer"] for s in per_seed])}
+            "by_steps": combine_seeds([s["simam_delta_multilayer"] for s in per_seed])}
     metrics["momentum_equivalence"] = _worst_relation_errors(equivalence)
     metrics["momentum_training"] = {"models": momentum_models, "hand": hand_losses,
                                     "dual_weights": [float(w) for w in dual_weights]}
@@ -241,26 +240,6 @@ def _dual_form_matrices(df_hand, meta, first: dict[str, TransformerParams], test
     return {"hand GD: Delta W_ICL (task 0)": hand_delta, "eta * grad L(W0), embedded": embedded,
             "trained LSA: Delta W_ICL (task 0)": np.asarray(dual_form(first["LSA"], test).delta_w_icl[0]),
             "query-key LSA: W_ZSL (task 0)": np.asarray(dual_form(first[IQ_LABEL], test).w_zsl[0])}
-
-
-def _combine_seeds(entries: Sequence[Any]) -> Any:
-    """Per-seed results of one structure combined leaf by leaf: floats averaged over the finite values (NaN when
-    none is), integers (counts) summed, lists element-wise, other values (strings, flags) from the first seed.
-    One seed: its values unchanged."""
-    first = entries[0]
-    if isinstance(first, dict):
-        return {key: _combine_seeds([e[key] for e in entries]) for key in first}
-    if isinstance(first, (list, tuple)):
-        return [_combine_seeds([e[i] for e in entries]) for i in range(len(first))]
-    if isinstance(first, (bool, np.bool_, str)) or first is None:
-        return first
-    if isinstance(first, (int, np.integer)):
-        return int(sum(int(e) for e in entries))
-    if len(entries) == 1:
-        return float(first)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all NaN (an undefined SimAM_delta): NaN
-        return float(np.nanmean(np.asarray(entries, np.float64)))
 
 
 def _worst_relation_errors(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
