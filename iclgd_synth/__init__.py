@@ -5,7 +5,8 @@ the in-context objective), explicit learners on the very same tasks, and the pap
 
 Public API (a contract; see README.md), one name per thing:
 
-    TaskConfig, TaskBatch, TASK_PRESETS, sample_tasks, task_pool    tasks (iclgd_synth.tasks)
+    TaskConfig, TaskBatch, TASK_PRESETS, task_pool                   tasks (iclgd_synth.tasks)
+    sample(key, config, B), sample_tasks(key, B, N, d, **options)   draw tasks from a TaskConfig / from sizes
     build_tokens                                                     token layouts (iclgd_synth.tokens)
     TransformerParams, Arch, ModelConfig, init_params, forward,      the Transformer (iclgd_synth.model); parameters
     layer_predictions                                                are callable: params(batch) -> (B,)
@@ -28,7 +29,7 @@ from iclgd_synth.learners import (
 )
 from iclgd_synth.losses import half_mse
 from iclgd_synth.model import Arch, ModelConfig, TransformerParams, forward, init_params, layer_predictions
-from iclgd_synth.tasks import TASK_PRESETS, TaskBatch, TaskConfig, sample_tasks, task_pool
+from iclgd_synth.tasks import TASK_PRESETS, TaskBatch, TaskConfig, sample, sample_tasks, task_pool
 from iclgd_synth.tokens import build_tokens
 
 __version__ = "0.1.0"
@@ -49,6 +50,6 @@ __all__ = [
     "Adam", "Arch", "DMMSE", "GD", "GDPlusPlus", "LeastSquares", "Learner", "ModelConfig", "MomentumGD", "Ridge",
     "SGD", "TASK_PRESETS", "TaskBatch", "TaskConfig", "TransformerParams", "Tuned", "build_tokens", "forward",
     "from_products", "gd_params", "gdpp_params", "grid_search", "half_mse", "init_params", "layer_predictions",
-    "sample_tasks", "split_heads", "task_pool", "tune", "tune_gd", "tune_gdpp", "FlaxTransformer", "to_flax",
+    "sample", "sample_tasks", "split_heads", "task_pool", "tune", "tune_gd", "tune_gdpp", "FlaxTransformer", "to_flax",
     "from_flax",
 ]

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import iclgd_synth as ic
+from iclgd_synth.model import predict
 from iclgd_synth import attention as attn
 from iclgd_synth.constructions import heavy_ball_params
 from iclgd_synth.critiques import momentum as MO

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import iclgd_synth as ic
+from iclgd_synth.model import predict
 from iclgd_synth.constructions import causal_hand_params
 from iclgd_synth.critiques import order as O
 
