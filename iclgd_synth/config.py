@@ -183,17 +183,41 @@ def _leaf_owner(config: Any, path: str) -> tuple[Any, str]:
 
 
 def override(config: Any, assignments: Iterable[str] | Mapping[str, Any]) -> Any:
-    """Apply ``PATH=VALUE`` strings (or a {path: value} mapping of parsed values) in order."""
-    items = assignments.items() if isinstance(assignments, Mapping) else [_split(a) for a in assignments]
+    """Apply ``PATH=VALUE`` strings (or a {path: value} mapping of parsed values).
+
+    All assignments are applied together: every nested config is rebuilt once with all of its new values, so coupled
+    fields (``train.task.dim`` and ``train.model.dim``) can change in one call; the constructors' checks then run on
+    the result and an error names the assignments involved. A path set twice keeps its last value.
+    """
+    items = list(assignments.items()) if isinstance(assignments, Mapping) else [_split(a) for a in assignments]
+    if not items:
+        return config
+    tree: dict[str, Any] = {}
     for path, value in items:
         owner, leaf = _leaf_owner(config, path)
         if isinstance(value, str):
             value = parse_value(owner, leaf, value, path)
-        try:
-            config = set_path(config, path, value)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"--set {path}={value!r}: {e}") from e
-    return config
+        elif isinstance(getattr(owner, leaf), (tuple, list)) and any(is_config(c) for c in getattr(owner, leaf)):
+            raise ValueError(f"{path} holds configs and cannot be set by path")
+        if is_config(getattr(owner, leaf)):
+            raise ValueError(f"{path!r} is a section, not a value; set one of its fields: "
+                             f"{', '.join(paths(getattr(owner, leaf), path + '.'))}")
+        node = tree
+        *parents, last = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    try:
+        return _rebuild(config, tree)
+    except (TypeError, ValueError) as e:
+        shown = ", ".join(f"{p}={v!r}" if not isinstance(v, str) else f"{p}={v}" for p, v in items)
+        raise ValueError(f"--set {shown}: {e}") from e
+
+
+def _rebuild(config: Any, changes: dict[str, Any]) -> Any:
+    values = {name: _rebuild(getattr(config, name), sub) if isinstance(sub, dict) and is_config(getattr(config, name))
+              else sub for name, sub in changes.items()}
+    return dataclasses.replace(config, **values)
 
 
 def _split(assignment: str) -> tuple[str, str]:
