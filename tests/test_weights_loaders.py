@@ -195,46 +195,20 @@ def test_gguf_array_metadata_is_read_whole_with_and_without_reader_contents(tmp_
         assert field_value(r, "general.architecture") == "llama" and field_value(r, "missing", 7) == 7
 
 
-def test_gguf_index_equals_the_gguf_readers_fields_and_tensors(tmp_path):
-    gguf = pytest.importorskip("gguf")
-    from iclgd_synth.weights.gguf_loader import MAX_ARRAY, field_value, read_gguf_index
-
-    long_words = [f"tok{i}" for i in range(MAX_ARRAY + 5)]
-    path = write_gguf(tmp_path / "meta.gguf", tiny_attention(n_layers=2, hidden=64), 4, 2, 64,
-                      qtype=gguf.GGMLQuantizationType.Q4_1, biases=True,
-                      metadata={"tiny.ints": [3, 1, 4], "tiny.words": ["a", "bc"], "tiny.text": "héllo",
-                                "tiny.long_words": long_words, "tiny.long_ints": list(range(MAX_ARRAY + 1))})
-    index, reader = read_gguf_index(path), gguf_reader(path)
-    for key in reader.fields:
-        if key.startswith("GGUF."):
-            continue
-        want = field_value(reader, key)
-        if key.startswith("tiny.long"):
-            assert index.fields[key] is None and len(want) > MAX_ARRAY  # long arrays are skipped, not misread
-        else:
-            assert index.fields[key] == pytest.approx(want) if isinstance(want, float) else index.fields[key] == want
-    assert index.fields["tiny.text"] == "héllo" and index.fields["llama.rope.freq_base"] == 10000.0
-    assert set(index.tensors) == {t.name for t in reader.tensors}
-    for t in reader.tensors:
-        mine = index.tensors[t.name]
-        assert mine.shape == tuple(int(s) for s in t.shape) and mine.tensor_type == t.tensor_type
-        assert mine.data.dtype == t.data.dtype and mine.data.shape == t.data.shape
-        np.testing.assert_array_equal(mine.data, t.data)
-
-
-def test_smollm2_gguf_index_equals_the_gguf_reader():
-    require_builtin("smollm2")
-    from iclgd_synth.weights.gguf_loader import field_value, read_gguf_index
-
-    path = loaders.builtin_path("smollm2")
-    index, reader = read_gguf_index(path), gguf_reader(path)
-    for key in ("general.architecture", "llama.block_count", "llama.attention.head_count_kv", "general.name",
-                "llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon"):
-        assert index.fields[key] == pytest.approx(field_value(reader, key)) if isinstance(index.fields[key], float) \
-            else index.fields[key] == field_value(reader, key)
-    assert index.fields["tokenizer.ggml.tokens"] is None  # the 49,152-token vocabulary is skipped
-    for t in reader.tensors[:40]:
-        np.testing.assert_array_equal(index.tensors[t.name].data, t.data)
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_gguf_or_safetensors_file_is_an_error_naming_it(tmp_path, damage):
+    pytest.importorskip("gguf")
+    path = write_gguf(tmp_path / "model.gguf", tiny_attention(n_layers=2, hidden=64), 4, 2, 64)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3] if damage == "truncated" else b"GGUF" + b"\x07" * 200)
+    with pytest.raises(ValueError, match=r"model.gguf.*not a readable GGUF file"):
+        open_source(str(path))
+    sf = tmp_path / "hf"
+    sf.mkdir()
+    (sf / "config.json").write_text("{}")
+    (sf / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{" if damage == "truncated" else b"junk")
+    with pytest.raises(ValueError, match=r"model.safetensors.*not a readable safetensors file"):
+        open_source(str(sf))
 
 
 def test_score_omissions_name_rotary_positions_and_biases(tmp_path):
@@ -587,3 +561,13 @@ def test_smollm2_statistics_from_the_cache_equal_fresh_ones(tmp_path):
     cached = collect_stats(src, cache=tmp_path)
     assert cached.cached and not fresh.cached
     _same_stats(fresh, cached)
+
+
+def test_a_statistics_cache_setting_that_names_a_file_is_a_clear_error(tmp_path, monkeypatch):
+    from iclgd_synth.weights.cache import cache_dir
+
+    f = tmp_path / "not-a-folder"
+    f.write_text("")
+    monkeypatch.setenv("ICLGD_CACHE", str(f))
+    with pytest.raises(NotADirectoryError, match="ICLGD_CACHE.*is a file"):
+        cache_dir()

@@ -48,7 +48,13 @@ def cache_dir(setting: bool | str | Path | None = None) -> Path | None:
         return Path(setting).expanduser()
     env = os.environ.get(ENV)
     if env is not None:
-        return None if env.strip().lower() in _OFF or not env.strip() else Path(env).expanduser()
+        if env.strip().lower() in _OFF or not env.strip():
+            return None
+        folder = Path(env).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"${ENV} = {env!r} is a file; point it at a folder for the statistics cache, or "
+                                     f"set {ENV}=0 to turn the cache off")
+        return folder
     return default_dir()
 
 

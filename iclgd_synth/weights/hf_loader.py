@@ -146,9 +146,13 @@ def _index_files(index: Path) -> list[Path]:
 def _tensor_files(safetensors, files: list[Path]) -> dict[str, Path]:
     where = {}
     for f in files:
-        with safetensors.safe_open(str(f), framework="numpy") as h:
-            for k in h.keys():
-                where[k] = f
+        try:
+            with safetensors.safe_open(str(f), framework="numpy") as h:
+                for k in h.keys():
+                    where[k] = f
+        except Exception as e:  # SafetensorError (header too small, invalid JSON, ...) and OS errors
+            raise ValueError(f"{str(f)!r} is not a readable safetensors file ({type(e).__name__}: {e}); check that "
+                             "it is complete (a download cut short leaves a truncated file)") from e
     return where
 
 
