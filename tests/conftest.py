@@ -112,3 +112,18 @@ def weights_store_kept(monkeypatch):
     from iclgd_synth.weights import wheels
 
     monkeypatch.setenv("ICLGD_WEIGHTS", str(wheels.store_dir()))
+
+
+def uniform_batch(seed: int, b: int, n: int, d: int, out_dim: int = 1):
+    """Tasks like the reference paper's (x ~ U(-0.5, 0.5), w ~ N(0, I)), drawn with NumPy: no compile per shape."""
+    import numpy as np
+
+    import iclgd_synth as ic
+
+    rng = np.random.default_rng(seed)
+    x, xq = rng.uniform(-0.5, 0.5, size=(b, n, d)), rng.uniform(-0.5, 0.5, size=(b, d))
+    w = rng.normal(size=(b, out_dim, d))
+    y, yq = np.einsum("bod,bnd->bno", w, x), np.einsum("bod,bd->bo", w, xq)
+    if out_dim == 1:
+        y, yq, w = y[..., 0], yq[..., 0], w[:, 0]
+    return ic.TaskBatch(x=x, y=y, x_query=xq, y_query=yq, w=w)

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import iclgd_synth as ic
 from iclgd_synth.model import predict
 from iclgd_synth import attention as attn
+from conftest import uniform_batch
 
 # Measured on CPU (XLA, 2 cores), vonoswald tasks (d = N = 10, x ~ U(-0.5, 0.5)), 1000 tasks, K = 1..5, deep and
 # recurrent, 1/N in P or inside the layer, GD and GD++ (gamma = 0.1), three seeds: the float32 max abs difference
@@ -29,15 +30,7 @@ from iclgd_synth import attention as attn
 FLOAT32_BOUND = 1e-5
 
 
-def _uniform_batch(seed: int, b: int, n: int, d: int, out_dim: int = 1) -> ic.TaskBatch:
-    """Tasks like the reference paper's (x ~ U(-0.5, 0.5), w ~ N(0, I)), drawn with NumPy: no compile per shape."""
-    rng = np.random.default_rng(seed)
-    x, xq = rng.uniform(-0.5, 0.5, size=(b, n, d)), rng.uniform(-0.5, 0.5, size=(b, d))
-    w = rng.normal(size=(b, out_dim, d))
-    y, yq = np.einsum("bod,bnd->bno", w, x), np.einsum("bod,bd->bo", w, xq)
-    if out_dim == 1:
-        y, yq, w = y[..., 0], yq[..., 0], w[:, 0]
-    return ic.TaskBatch(x=x, y=y, x_query=xq, y_query=yq, w=w)
+_uniform_batch = uniform_batch
 
 
 def _max_abs(a, b) -> float:

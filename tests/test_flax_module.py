@@ -16,17 +16,10 @@ import iclgd_synth as ic
 from iclgd_synth.flax_module import FlaxTransformer, from_flax, to_flax
 from iclgd_synth.model import predict
 from iclgd_synth.weights.loaders import params_source
+from conftest import uniform_batch
 
 
-def _batch(seed: int, b: int, n: int, d: int, out_dim: int = 1) -> ic.TaskBatch:
-    """The reference paper's law (x ~ U(-0.5, 0.5), w ~ N(0, I)), drawn with NumPy (no compile per shape)."""
-    rng = np.random.default_rng(seed)
-    x, xq = rng.uniform(-0.5, 0.5, size=(b, n, d)), rng.uniform(-0.5, 0.5, size=(b, d))
-    w = rng.normal(size=(b, out_dim, d))
-    y, yq = np.einsum("bod,bnd->bno", w, x), np.einsum("bod,bd->bo", w, xq)
-    if out_dim == 1:
-        y, yq, w = y[..., 0], yq[..., 0], w[:, 0]
-    return ic.TaskBatch(x=x, y=y, x_query=xq, y_query=yq, w=w)
+_batch = uniform_batch
 
 
 # sizes drawn once at random from small sets (d, N, K, d_out, recurrent, 1/N in P), then fixed: one compile each
