@@ -458,7 +458,7 @@ def test_repeated_eager_lsa_predict_compiles_nothing_new(options, compiles_of):
     chex.assert_trees_all_close(first, ic.GD(eta=0.3, steps=4)(batch), atol=1e-5, rtol=1e-5)  # still 4 GD steps
 
 
-@given(d=st.integers(1, 5), n=st.integers(1, 7), heads=st.integers(1, 3), causal=st.booleans(),
+@given(d=st.sampled_from([1, 4]), n=st.sampled_from([2, 6]), heads=st.sampled_from([1, 3]), causal=st.booleans(),
        include_query=st.booleans(), normalize=st.booleans(), seed=st.integers(0, 2**16))
 def test_query_only_dual_update_equals_the_quadratic_form(x64, d, n, heads, causal, include_query, normalize, seed):
     # The query-only dual path never forms C (two matrix-vector passes); it must equal the O(T^2) reference.
