@@ -11,8 +11,6 @@ classes" compares its models with the last two; the zero predictor is the error 
 
 from __future__ import annotations
 
-import functools
-
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -23,38 +21,8 @@ from iclgd_synth.tasks import TaskBatch
 from iclgd_synth.validation import check_int
 
 
-class _TypedLearner(Learner):
-    """A learner whose jitted calls take its class as a static argument.
-
-    In this JAX version two dataclass pytrees of different classes with the same fields compare equal as tree
-    structures, so the shared jit of :class:`Learner` can, with the persistent compilation cache on, run one
-    field-less learner's program for another (seen: the zero predictor returning averaging's output). Keying the
-    compilation on the class rules that out.
-    """
-
-    def weights(self, batch: TaskBatch) -> Array:
-        learner, batch = self._prepare(batch)
-        return _typed_solve(type(learner), learner, batch)
-
-    def __call__(self, batch: TaskBatch) -> Array:
-        learner, batch = self._prepare(batch)
-        return _typed_readout(type(learner), learner, batch)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _typed_solve(kind: type, learner: Learner, batch: TaskBatch) -> Array:
-    del kind
-    return learner.solve(batch)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _typed_readout(kind: type, learner: Learner, batch: TaskBatch) -> Array:
-    del kind
-    return learner.readout(batch)
-
-
 @flax.struct.dataclass
-class Zero(_TypedLearner):
+class Zero(Learner):
     """The zero predictor: ``Zero()(batch)`` is 0 for every task; ``.weights(batch)`` is W = 0 (B, d_out, d)."""
 
     def solve(self, batch: TaskBatch) -> Array:
@@ -62,7 +30,7 @@ class Zero(_TypedLearner):
 
 
 @flax.struct.dataclass
-class Averaging(_TypedLearner):
+class Averaging(Learner):
     """The averaging estimator W = (1/N) sum_i y_i x_i^T: ``Averaging()(batch)``, ``.weights(batch)``."""
 
     def solve(self, batch: TaskBatch) -> Array:
@@ -70,7 +38,7 @@ class Averaging(_TypedLearner):
 
 
 @flax.struct.dataclass
-class NearestNeighbours(_TypedLearner):
+class NearestNeighbours(Learner):
     """k-nearest-neighbour regression: ``NearestNeighbours(k=3)(batch)``.
 
     Attributes:
