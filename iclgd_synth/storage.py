@@ -223,3 +223,18 @@ def exclusive_lock(path: str | os.PathLike, what: str = "this run"):
         yield lock
     finally:
         release_lock(lock)
+
+
+def writable_folder(path: str | os.PathLike, option: str, what: str) -> Path:
+    """Create ``path`` as a folder if needed and check that it can be written; errors name the ``option`` that gave
+    it (e.g. "--root") and say what it is for."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{option} {str(path)!r} is a file; give a folder for {what}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(f"cannot create {what} {option} {str(path)!r}: {e.strerror}") from e
+    if not os.access(path, os.W_OK):
+        raise PermissionError(f"{what} {option} {str(path)!r} is not writable; give another {option}")
+    return path

@@ -640,14 +640,9 @@ def _append_rows(out: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _prepare_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {str(out)!r} is a file; give a folder for the sweep")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PermissionError(f"cannot create the sweep folder --out {str(out)!r}: {e.strerror}") from e
-    if not os.access(out, os.W_OK):
-        raise PermissionError(f"the sweep folder --out {str(out)!r} is not writable; give another --out")
+    from iclgd_synth.storage import writable_folder
+
+    writable_folder(out, "--out", "the sweep")
 
 
 def default_out(plan: SweepPlan, root: str | os.PathLike = "sweeps") -> Path:

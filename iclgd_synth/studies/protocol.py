@@ -189,14 +189,9 @@ def _same_where_recorded(recorded: Any, current: Any) -> bool:
 
 
 def _check_root(root: Path) -> None:
-    if root.exists() and not root.is_dir():
-        raise NotADirectoryError(f"--root {str(root)!r} is a file; give a folder for the run directories")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PermissionError(f"cannot create the run folder --root {str(root)!r}: {e.strerror}") from e
-    if not os.access(root, os.W_OK):
-        raise PermissionError(f"the run folder --root {str(root)!r} is not writable; give another --root")
+    from iclgd_synth.storage import writable_folder
+
+    writable_folder(root, "--root", "the run directories")
 
 
 def _say(text: str) -> None:
