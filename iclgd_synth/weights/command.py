@@ -68,17 +68,9 @@ def default_llms(requested: list[str] | None) -> list[str]:
 
 def check_out_dir(out: str | os.PathLike) -> Path:
     """Create the output folder now, so that a bad ``--out`` fails before any training or reading."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"--out {str(path)!r} is a file; give a folder for the report")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise NotADirectoryError(f"cannot create the --out folder {str(path)!r}: {e.strerror}; give another folder"
-                                 ) from e
-    if not os.access(path, os.W_OK):
-        raise PermissionError(f"the --out folder {str(path)!r} is not writable; give another folder")
-    return path
+    from iclgd_synth.storage import writable_folder
+
+    return writable_folder(out, "--out", "the report")
 
 
 #: D x D matrices held at once per hand-constructed size: the four weights, their products and the statistics'
