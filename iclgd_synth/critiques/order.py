@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iclgd_synth.constructions import causal_hand_params
-from iclgd_synth.learners import SGD, Adam, GD, GDPlusPlus, grid_search, tune_gd, tune_gdpp
+from iclgd_synth.learners import Adam, GD, GDPlusPlus, SGD, grid_search, tune, tune_gd, tune_gdpp
 from iclgd_synth.losses import half_mse
 from iclgd_synth.metrics import as_predictor
 from iclgd_synth.model import predict
@@ -112,16 +112,14 @@ def tune_causal_hand(batch: TaskBatch, n_layers: int, *, n_grid: int = 32, round
 
 def tune_sgd(batch: TaskBatch, epochs: int, batch_size: int = 1, eta_max: float = 6.0) -> float:
     """Best constant SGD step size for ``epochs`` ordered passes (grid refinement on the given order)."""
-    t = grid_search(lambda p, b: half_mse(SGD(eta=p["eta"], epochs=epochs, batch_size=batch_size)(b), b.y_query),
-                    {"eta": (0.0, eta_max)}, data=batch, n_grid=24, rounds=3)
-    return t.params["eta"]
+    return tune(SGD(epochs=epochs, batch_size=batch_size), batch, {"eta": (0.0, eta_max)}, widen=False, n_grid=24,
+                rounds=3).params["eta"]
 
 
 def tune_adam(batch: TaskBatch, epochs: int, batch_size: int = 1, lr_max: float = 2.0) -> float:
     """Best Adam learning rate for ``epochs`` ordered passes (grid refinement on [1e-4, ``lr_max``], given order)."""
-    t = grid_search(lambda p, b: half_mse(Adam(lr=p["lr"], epochs=epochs, batch_size=batch_size)(b), b.y_query),
-                    {"lr": (1e-4, lr_max)}, data=batch, n_grid=24, rounds=3)
-    return t.params["lr"]
+    return tune(Adam(epochs=epochs, batch_size=batch_size), batch, {"lr": (1e-4, lr_max)}, widen=False, n_grid=24,
+                rounds=3).params["lr"]
 
 
 def sgd_name(epochs: int) -> str:
