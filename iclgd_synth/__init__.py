@@ -12,7 +12,8 @@ Public API (a contract; see README.md), one name per thing:
     layer_predictions                                                are callable: params(batch) -> (B,)
     gd_params, gdpp_params, from_products, split_heads               hand-constructed weights (iclgd_synth.constructions)
     GD, GDPlusPlus, MomentumGD, SGD, Adam, LeastSquares, Ridge,      explicit learners, each one class with
-    DMMSE, Learner                                                   learner(batch) and learner.weights(batch)
+    DMMSE, Zero, Averaging, NearestNeighbours, Learner               learner(batch) and learner.weights(batch)
+    GPTConfig, GPTParams, init_gpt, gpt_forward                      the GPT-style regression model (iclgd_synth.gpt)
     tune, tune_gd, tune_gdpp, grid_search, Tuned                     hyper-parameter tuning (iclgd_synth.learners)
     half_mse                                                         the loss (iclgd_synth.losses)
     FlaxTransformer, to_flax, from_flax                              the Transformer as a Flax NNX module
@@ -23,9 +24,10 @@ implicit weights, GD++ conditioning), ``gpt`` (the GPT-style regression model), 
 """
 
 from iclgd_synth.constructions import from_products, gd_params, gdpp_params, split_heads
+from iclgd_synth.gpt import GPTConfig, GPTParams, gpt_forward, init_gpt
 from iclgd_synth.learners import (
-    DMMSE, GD, SGD, Adam, GDPlusPlus, LeastSquares, Learner, MomentumGD, Ridge, Tuned, grid_search, tune, tune_gd,
-    tune_gdpp,
+    DMMSE, GD, SGD, Adam, Averaging, GDPlusPlus, LeastSquares, Learner, MomentumGD, NearestNeighbours, Ridge, Tuned,
+    Zero, grid_search, tune, tune_gd, tune_gdpp,
 )
 from iclgd_synth.losses import half_mse
 from iclgd_synth.model import Arch, ModelConfig, TransformerParams, forward, init_params, layer_predictions
@@ -47,8 +49,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'iclgd_synth' has no attribute {name!r}")
 
 __all__ = [
-    "Adam", "Arch", "DMMSE", "GD", "GDPlusPlus", "LeastSquares", "Learner", "ModelConfig", "MomentumGD", "Ridge",
-    "SGD", "TASK_PRESETS", "TaskBatch", "TaskConfig", "TransformerParams", "Tuned", "build_tokens", "forward",
+    "Adam", "Arch", "Averaging", "DMMSE", "GD", "GDPlusPlus", "GPTConfig", "GPTParams", "LeastSquares", "Learner",
+    "ModelConfig", "MomentumGD", "NearestNeighbours", "Ridge", "SGD", "Zero", "gpt_forward", "init_gpt", "TASK_PRESETS", "TaskBatch", "TaskConfig", "TransformerParams", "Tuned", "build_tokens", "forward",
     "from_products", "gd_params", "gdpp_params", "grid_search", "half_mse", "init_params", "layer_predictions",
     "sample", "sample_tasks", "split_heads", "task_pool", "tune", "tune_gd", "tune_gdpp", "FlaxTransformer", "to_flax",
     "from_flax",

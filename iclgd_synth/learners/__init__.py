@@ -13,6 +13,7 @@ learner can be vmapped over step sizes, and a functional form ``*_predict(batch,
 """
 
 from iclgd_synth.learners._common import Learner
+from iclgd_synth.learners.baselines import Averaging, NearestNeighbours, Zero
 from iclgd_synth.learners.dmmse import DMMSE
 from iclgd_synth.learners.gd import GD
 from iclgd_synth.learners.gdpp import GDPlusPlus
@@ -22,6 +23,7 @@ from iclgd_synth.learners.sgd import SGD, Adam
 from iclgd_synth.learners.tuning import Tuned, grid_search, tune, tune_gd, tune_gdpp
 
 __all__ = [
-    "Adam", "DMMSE", "GD", "GDPlusPlus", "LeastSquares", "Learner", "MomentumGD", "Ridge", "SGD", "Tuned",
+    "Adam", "Averaging", "DMMSE", "GD", "GDPlusPlus", "LeastSquares", "Learner", "MomentumGD", "NearestNeighbours",
+    "Ridge", "SGD", "Tuned", "Zero",
     "grid_search", "tune", "tune_gd", "tune_gdpp",
 ]
