@@ -1,12 +1,13 @@
 """Study 'deep': deep 5-layer LSA vs GD and GD++.
 
-Same as `iclgd run deep`; extra arguments are passed on (--quick, --force, --root DIR, --steps N, --seeds ...).
+Same as `iclgd run deep`; extra arguments are passed on (--quick, --force, --set PATH=VALUE,
+--seeds ...); runs go to runs/ at the checkout's root unless --root DIR is given.
 The logic lives in the library (iclgd_synth.studies); this script only forwards the command line.
 """
 
 import sys
 
-from iclgd_synth.cli import main
+from iclgd_synth.cli import run_experiment
 
 if __name__ == "__main__":
-    sys.exit(main(["run", "deep", *sys.argv[1:]]))
+    sys.exit(run_experiment("deep", __file__))

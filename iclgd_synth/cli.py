@@ -61,5 +61,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run_experiment(name: str, script: str, argv: list[str] | None = None) -> int:
+    """``iclgd run NAME ARGV`` for the script ``experiments/NAME.py``: run directories go to ``runs/`` beside the
+    ``experiments/`` folder (the checkout's root) unless ``--root`` is given, so a script started from inside
+    ``experiments/`` finds the same finished runs as ``iclgd run`` from the root."""
+    from pathlib import Path
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not any(a == "--root" or a.startswith("--root=") for a in argv):
+        argv += ["--root", str(Path(script).resolve().parent.parent / "runs")]
+    return main(["run", name, *argv])
+
+
 if __name__ == "__main__":
     sys.exit(main())

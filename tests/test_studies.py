@@ -378,3 +378,15 @@ def test_ordinary_mistakes_end_with_one_error_line(argv, text, capsys):
 def test_study_config_rejects_llm_max_layers_below_one():
     with pytest.raises(ValueError, match="llm_max_layers"):
         get_study("vonoswald").config.replace(llm_max_layers=0)
+
+
+def test_experiment_scripts_write_runs_beside_the_experiments_folder(monkeypatch, tmp_path):
+    from iclgd_synth import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "main", lambda argv: seen.append(argv) or 0)
+    script = tmp_path / "checkout" / "experiments" / "vonoswald.py"
+    assert cli.run_experiment("vonoswald", str(script), ["--quick"]) == 0
+    assert seen[-1] == ["run", "vonoswald", "--quick", "--root", str(tmp_path / "checkout" / "runs")]
+    cli.run_experiment("vonoswald", str(script), ["--root", "elsewhere"])
+    assert seen[-1] == ["run", "vonoswald", "--root", "elsewhere"]

@@ -1,0 +1,13 @@
+"""Study 'emergent': GPT-style models trained on every position vs the ICL objective, at every context length.
+
+Same as `iclgd run emergent`; extra arguments are passed on (--quick, --force, --set PATH=VALUE,
+--seeds ...); runs go to runs/ at the checkout's root unless --root DIR is given.
+The logic lives in the library (iclgd_synth.studies); this script only forwards the command line.
+"""
+
+import sys
+
+from iclgd_synth.cli import run_experiment
+
+if __name__ == "__main__":
+    sys.exit(run_experiment("emergent", __file__))

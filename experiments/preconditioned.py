@@ -1,0 +1,13 @@
+"""Study 'preconditioned': trained 1-layer LSAs on anisotropic inputs against the exact optimal preconditioner.
+
+Same as `iclgd run preconditioned`; extra arguments are passed on (--quick, --force, --set PATH=VALUE,
+--seeds ...); runs go to runs/ at the checkout's root unless --root DIR is given.
+The logic lives in the library (iclgd_synth.studies); this script only forwards the command line.
+"""
+
+import sys
+
+from iclgd_synth.cli import run_experiment
+
+if __name__ == "__main__":
+    sys.exit(run_experiment("preconditioned", __file__))
