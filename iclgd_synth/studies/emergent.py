@@ -22,7 +22,6 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from iclgd_synth import metrics as M

@@ -14,7 +14,6 @@ eq. 6; the dual view of "Why Can GPT Learn In-Context?"), so they are the fair o
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import time
