@@ -92,3 +92,19 @@ def combine_seeds(entries: Sequence[Any]) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all NaN (an undefined cell): NaN
         return float(np.nanmean(np.asarray(entries, np.float64)))
+
+
+def holm(pvalues: Sequence[float] | Any, level: float = LEVEL) -> list[bool]:
+    """Holm's step-down correction: which of m two-sided tests stay significant at family-wise error 1 - ``level``
+    (the k-th smallest p is compared with (1 - level) / (m - k + 1), stopping at the first that fails; NaN never
+    significant)."""
+    p = np.asarray(pvalues, np.float64).ravel()
+    alpha = 1.0 - level
+    order = np.argsort(np.where(np.isfinite(p), p, np.inf), kind="stable")
+    keep = np.zeros(p.size, bool)
+    m = p.size
+    for rank, i in enumerate(order):
+        if not (np.isfinite(p[i]) and p[i] <= alpha / (m - rank)):
+            break
+        keep[i] = True
+    return [bool(k) for k in keep]

@@ -1,8 +1,8 @@
 """Fine-tuning of zero-shot copies (iclgd_synth.critiques.finetune) and the layer-causality control
 (iclgd_synth.critiques.causality): the hand K-layer GD model's per-layer updates equal the explicit GD steps and are
 reproduced exactly by forward-order adapter fine-tuning and only at layer 1 by standard fine-tuning; layer-causal
-gradients stay local; SimAM_delta is undefined at layer 1 only; the win counts keep NaN cells and the two layer-causal
-variants apart."""
+gradients stay local; SimAM_delta is undefined at layer 1 only; the paired per-cell tests and their counts on known data; the
+competent-learner nulls."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import stats
 
 import iclgd_synth as ic
 from iclgd_synth.critiques import causality as CA
 from iclgd_synth.critiques import finetune as F
+from iclgd_synth import intervals as ic_intervals
 from iclgd_synth.reports.causal import layers_text
 
 
@@ -171,25 +173,77 @@ def test_hand_control_names_the_exactly_reproduced_layers(x64):
     assert layers_text([2], 3) == "layer 2 only" and layers_text([], 2) == "no layer"
 
 
-def test_compare_to_standard_counts_nan_cells_apart():
-    nan = float("nan")
-    c = CA.compare_to_standard([0.1, nan, 0.3, 0.5, 0.2], [0.2, 0.9, 0.3, 0.4, nan])
-    assert c == {"wins": 1, "losses": 1, "ties": 1, "undefined": 2, "cells": 5}
-    with pytest.raises(ValueError):
-        CA.compare_to_standard([0.1], [0.1, 0.2])
+def _cells_input(std, lc, fo=None):
+    """Per-seed per-task SimAOU dicts for one parametrisation pair and one step count: values (S, K, B)."""
+    fo = lc if fo is None else fo
+    return [{f"{ps}|1|{m}": np.asarray(v[s]) for ps in F.PARAM_SETS for m, v in
+             (("standard", std), ("layer_causal", lc), ("forward_order", fo))} for s in range(len(std))]
 
 
-def test_layer_causal_count_is_not_helped_by_the_forward_order_variant():
-    # Forward order beats standard everywhere, layer-causal nowhere: the layer-causal count must be 0, not 4.
-    sims = {"standard": [0.5, 0.5], "layer_causal": [0.4, float("nan")], "forward_order": [0.9, 0.9]}
-    entry = {"alignment": {f"{ps}|1|{m}": {"simaou": v} for ps in F.PARAM_SETS for m, v in sims.items()},
-             "gd_steps": {"simaou": [1.0, float("nan")]}}
-    out = CA.comparisons({"2": entry}, ft_steps=(1,))
-    assert out["layer_causal_vs_standard"]["all"] == {"wins": 0, "losses": 2, "ties": 0, "undefined": 2, "cells": 4}
-    assert out["forward_order_vs_standard"]["all"]["wins"] == 4
-    means = out["mean_simaou_by_depth"]["2"]
-    assert means["layer_causal"] == pytest.approx(0.4) and means["layer_causal_undefined"] == 2
-    assert means["explicit_gd_steps"] == pytest.approx(1.0)
+def test_paired_cells_test_the_per_task_differences_and_count_only_significant_cells():
+    rng = np.random.default_rng(0)
+    b = 200
+    std = rng.normal(0.3, 0.2, (2, 2, b))  # 2 seeds, 2 layers
+    lc = std.copy()
+    lc[:, 0] += 0.05 + rng.normal(0, 0.05, (2, b))   # layer 1: a clear win
+    lc[:, 1] += rng.normal(0, 0.05, (2, b))          # layer 2: noise around 0
+    lc[1, 1, :3] = np.nan                            # undefined tasks are left out of the pairs
+    cells = CA.paired_cells(_cells_input(std, lc), (1,), "layer_causal")
+    assert len(cells) == 2 * len(F.PARAM_SETS)
+    c1, c2 = cells[0], cells[1]
+    d1 = np.mean(lc[:, 0] - std[:, 0], axis=0)
+    assert c1["mean_diff"] == pytest.approx(d1.mean(), rel=1e-12)
+    assert c1["effect_size"] == pytest.approx(d1.mean() / d1.std(ddof=1), rel=1e-12)
+    assert c1["verdict"] == "win" and c1["p"] < 1e-10 and c1["seeds_agreeing"] == 2
+    assert c2["n_tasks"] == b  # tasks 0-2 keep seed 0's difference
+    assert c2["p"] == pytest.approx(stats.ttest_1samp(np.nanmean(lc[:, 1] - std[:, 1], axis=0), 0.0).pvalue,
+                                    rel=1e-9)
+    t = CA.tally(cells)
+    assert t["raw"]["all"]["cells"] == 4 and t["raw"]["by_param_set"]["attention"]["cells"] == 2
+    assert t["raw"]["all"]["wins"] >= 2 and t["holm"]["all"]["wins"] >= 2
+    assert sum(v for k, v in t["raw"]["all"].items() if k != "cells") == 4
+
+
+def test_a_loss_on_one_seed_only_is_not_a_consistent_loss():
+    rng = np.random.default_rng(1)
+    std = rng.normal(0.0, 0.1, (2, 1, 300))
+    lc = std.copy()
+    lc[0, 0] -= 0.2   # seed 0 loses clearly, seed 1 wins a little
+    lc[1, 0] += 0.05
+    cells = CA.paired_cells(_cells_input(std, lc), (1,), "layer_causal")
+    assert cells[0]["verdict"] == "loss" and cells[0]["seeds_agreeing"] == 1
+    t = CA.tally(cells)
+    assert t["raw"]["all"]["losses"] == 2 and t["consistent"]["all"]["losses"] == 0
+    nan = np.full((2, 1, 300), np.nan)  # nothing defined: undefined, never a win or a loss
+    assert CA.paired_cells(_cells_input(std, nan), (1,), "layer_causal")[0]["verdict"] == "undefined"
+
+
+def test_holm_correction_on_known_p_values():
+    # m = 4 at 5%: 0.01 <= 0.0125 and 0.015 <= 0.0167 pass, 0.03 > 0.025 stops; 0.04 fails though below 0.05.
+    assert ic_intervals.holm([0.03, 0.01, 0.04, 0.015]) == [False, True, False, True]
+    assert ic_intervals.holm([float("nan"), 0.001]) == [False, True]
+
+
+def test_competent_nulls_score_one_when_icl_moves_the_prediction_to_them(x64):
+    # A hand 1-layer GD model: the lone query has no key, so h_ZSL = 0 and ICL's change is the GD step in the y-entry.
+    batch = ic.sample_tasks(jax.random.PRNGKey(4), 32, 6, 3, x_dist="normal")
+    params = ic.gd_params(3, 1.0, n_layers=1, n_context=6)
+    nulls = CA.competent_null_updates(params, batch)
+    chex.assert_shape(list(nulls.values()), (32, 4))
+    np.testing.assert_allclose(nulls["toward_truth"][:, 3], -np.asarray(batch.y_query))
+    np.testing.assert_allclose(nulls["nearest_neighbours"][:, 3], -np.asarray(ic.NearestNeighbours(k=3)(batch)))
+    assert np.all(nulls["toward_truth"][:, :3] == 0)
+    zs = F.zero_shot_copy(params, 3)
+    tuned = F.finetune(zs, batch, 1.0, param_set="adapters", mode="standard", steps=1)
+    r = CA.per_layer_alignment(params, batch, tuned, None, {"gd": np.asarray(CA.gd_step_updates(batch, 1.0, 1)[0]),
+                                                            **nulls})
+    assert r["simaou_gd"] == pytest.approx([1.0], abs=1e-12)   # the null equal to ICL's change scores 1
+    gd_pred = np.asarray(ic.GD(eta=1.0, steps=1)(batch))
+    sign_agree = np.mean(np.sign(gd_pred) == np.sign(np.asarray(batch.y_query)))
+    # Only a y-entry: the per-task cosine is a sign, so SimAOU = 2 P(same sign) - 1.
+    assert r["icl_y_energy"] == pytest.approx([1.0])
+    assert r["simaou_toward_truth"][0] == pytest.approx(2 * sign_agree - 1, abs=1e-12)
+    chex.assert_shape(r["_simaou_per_task"], (1, 32))
 
 
 def _independent_self_scores(params, tokens_BxD, layers):

@@ -1,6 +1,7 @@
 """Order sensitivity (iclgd_synth.critiques.order): the statistics on known answers, exact invariance of full-batch GD,
-non-causal LSA and 1-layer causal models in float64, order sensitivity of SGD and multi-layer causal models, and the
-causal hand model's step size tuned for the causal model itself. (The study itself: tests/test_study_order.py.)"""
+non-causal LSA and 1-layer causal models in float64, order sensitivity of SGD and multi-layer causal models, the
+causal hand model's step size tuned for the causal model itself, and the closed forms of the order-dependent parts
+(one-pass SGD with two demonstrations exactly, its eta^2 term, the 2-layer causal hand model) with the shuffled null. (The study itself: tests/test_study_order.py.)"""
 
 from __future__ import annotations
 
@@ -115,3 +116,64 @@ def test_causal_hand_eta_is_tuned_for_the_causal_model(x64):
     assert best < _causal_loss(batch, eta_gd, 2)
     for factor in (0.9, 1.1):  # a local minimum of the causal model's own loss
         assert best <= _causal_loss(batch, factor * eta_c, 2)
+
+
+# -------------------------------------------------------------- closed forms of the order-dependent parts (float64)
+
+@settings(max_examples=2, deadline=None)
+@given(d=st.sampled_from([2, 4]), d_out=st.sampled_from([1, 2]), eta=st.floats(0.05, 2.0),
+       seed=st.integers(0, 1000))
+def test_one_pass_sgd_order_difference_for_two_demonstrations_is_the_closed_form(x64, d, d_out, eta, seed):
+    # W1 = eta y1 x1^T, W2 = W1 - eta (W1 x2 - y2) x2^T, so pred(1,2) - pred(2,1) = eta^2 (x1.x2)(y2 x1.xq - y1 x2.xq).
+    # (d = 1 without noise is order-invariant: y2 x1 = w x1 x2 = y1 x2.)
+    batch = ic.sample_tasks(jax.random.PRNGKey(seed), 5, 2, d, x_dist="normal", out_dim=d_out)
+    perms = np.tile(np.array([[[0, 1], [1, 0]]]), (5, 1, 1))
+    preds = O.ordered_predictions(ic.SGD(eta=eta, epochs=1, batch_size=1), batch, perms)
+    x, y = np.asarray(batch.x), np.asarray(batch.y)
+    expected = O.sgd_two_demo_order_difference(eta, x[:, 0], x[:, 1], y[:, 0], y[:, 1], np.asarray(batch.x_query))
+    chex.assert_shape(expected, preds[:, 0].shape)
+    assert np.abs(expected).max() > 1e-6
+    np.testing.assert_allclose(preds[:, 0] - preds[:, 1], expected, atol=1e-13 * max(1.0, np.abs(preds).max()))
+    # For N = 2 the order term is exact: eta^2 (Q(1,2) - Q(2,1)).
+    q = O.ordered_order_terms(batch, perms)
+    np.testing.assert_allclose(eta**2 * (q[:, 0] - q[:, 1]), expected, atol=1e-13 * max(1.0, np.abs(expected).max()))
+
+
+def test_sgd_order_effects_are_eta_squared_times_the_order_term_up_to_third_order(x64):
+    batch = ic.sample_tasks(jax.random.PRNGKey(11), 8, 7, 4, x_dist="normal")
+    perms = _perms(8, 7, p=5, seed=2)
+    dq = O.ordered_order_terms(batch, perms)
+    dq = dq - dq[:, :1]
+    errs = []
+    for eta in (1e-2, 1e-3):
+        p = O.ordered_predictions(ic.SGD(eta=eta, epochs=1, batch_size=1), batch, perms)
+        errs.append(np.abs((p - p[:, :1]) / eta**2 - dq).max())
+    assert np.abs(dq).max() > 1e-2
+    assert errs[0] < 0.1 * np.abs(dq).max()  # an O(eta) remainder ...
+    assert errs[0] / errs[1] == pytest.approx(10.0, rel=0.05)  # ... that shrinks linearly with eta
+
+
+@settings(max_examples=2, deadline=None)
+@given(d=st.sampled_from([2, 4]), n=st.sampled_from([3, 6]), eta=st.floats(0.2, 4.0), seed=st.integers(0, 1000))
+def test_two_layer_causal_hand_model_is_its_closed_form_and_its_order_effects_are_sgds_second_order_term(
+        x64, d, n, eta, seed):
+    batch = ic.sample_tasks(jax.random.PRNGKey(seed), 6, n, d, x_dist="normal")
+    params = causal_hand_params(d, eta, 2, n)
+    pred = np.asarray(predict(params, batch))
+    closed = O.causal_hand_two_layer_prediction(batch, eta)
+    np.testing.assert_allclose(pred, closed, atol=1e-12 * max(1.0, np.abs(pred).max()))
+    perms = _perms(6, n, p=4, seed=seed)
+    pc = O.ordered_predictions(params, batch, perms)
+    q = O.ordered_order_terms(batch, perms)
+    dc, dq = pc - pc.mean(1, keepdims=True), (eta / n) ** 2 * (q - q.mean(1, keepdims=True))
+    assert np.abs(dc).max() > 1e-6
+    np.testing.assert_allclose(dc, dq, atol=1e-12 * max(1.0, np.abs(pc).max()))
+    assert O.order_correlation(pc, q)["mean"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_shuffled_pairing_null_destroys_the_pairing_but_not_the_spread():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3000, 6))
+    r = O.shuffled_correlation(a, a, jax.random.PRNGKey(0))
+    assert abs(r["mean"]) < 0.03 and r["n"] == 3000  # expected -1/(P-1) * P(identity) ~ 0
+    assert O.order_correlation(a, a)["mean"] == pytest.approx(1.0)

@@ -151,3 +151,67 @@ def tuned_learners(batch: TaskBatch, sgd_epochs: tuple[int, ...], adam_epochs: i
     name = adam_name(adam_epochs)
     learners[name], hyper[name] = Adam(lr=lr, epochs=adam_epochs, batch_size=1), {"lr": lr}
     return learners, hyper
+
+
+# ------------------------------------------------------------------------------------ closed forms of the order terms
+
+def sgd_order_term(batch: TaskBatch) -> np.ndarray:
+    """Q = -sum_{a<b} (x_a . x_b)(x_b . x_q) y_a over the demonstrations in the batch's order, (B,) or (B, d_out).
+
+    The order-dependent part of one-pass SGD (batch 1, from W = 0) is eta^2 Q + O(eta^3): unrolling
+    W_t = W_(t-1) - eta (W_(t-1) x_t - y_t) x_t^T gives W_N = eta sum_a y_a x_a^T - eta^2 sum_{a<b} y_a (x_a . x_b)
+    x_b^T + O(eta^3), whose first term does not depend on the order. The 2-layer causal hand model's prediction is
+    2 (eta/N) sum_t y_t (x_t . x_q) - (eta/N)^2 sum_t sum_{i<=t} y_i (x_i . x_t)(x_t . x_q) exactly
+    (:func:`causal_hand_two_layer_prediction`), whose only order-dependent part is (eta/N)^2 Q: the same term as
+    SGD's at second order, with step eta/N. This is why the order effects of a 2-layer causal model built (or
+    trained) to do GD correlate with one-pass SGD's."""
+    x = np.asarray(batch.x, np.float64)
+    xq = np.asarray(batch.x_query, np.float64)
+    y = np.asarray(batch.labels_BxNxO(), np.float64)
+    gram = np.einsum("bad,bcd->bac", x, x)
+    strict = np.triu(np.ones(gram.shape[1:]), k=1)             # a < b
+    s_bxn = np.einsum("bnd,bd->bn", x, xq)                      # x_b . x_q
+    q = -np.einsum("bac,ac,bc,bao->bo", gram, strict, s_bxn, y)
+    return q if batch.vector_output else q[:, 0]
+
+
+def sgd_two_demo_order_difference(eta: float, x1: Any, x2: Any, y1: Any, y2: Any, x_q: Any) -> np.ndarray:
+    """Exact difference of one-pass SGD's prediction (batch 1, from W = 0) between the orders (1, 2) and (2, 1):
+    eta^2 (x1 . x2) (y2 (x1 . x_q) - y1 (x2 . x_q)). Inputs: vectors x (d,), y scalars or (d_out,) (a leading batch
+    axis is allowed)."""
+    x1, x2, xq = (np.asarray(v, np.float64) for v in (x1, x2, x_q))
+    y1, y2 = np.asarray(y1, np.float64), np.asarray(y2, np.float64)
+    c = np.sum(x1 * x2, -1)
+    a1, a2 = np.sum(x1 * xq, -1), np.sum(x2 * xq, -1)
+    if y1.ndim > c.ndim:  # vector outputs
+        c, a1, a2 = c[..., None], a1[..., None], a2[..., None]
+    return eta**2 * c * (y2 * a1 - y1 * a2)
+
+
+def causal_hand_two_layer_prediction(batch: TaskBatch, eta: float) -> np.ndarray:
+    """The 2-layer causal hand model's prediction in closed form (see :func:`sgd_order_term`), (B,):
+    2 (eta/N) sum_t y_t (x_t . x_q) - (eta/N)^2 sum_t sum_{i<=t} y_i (x_i . x_t)(x_t . x_q)."""
+    x = np.asarray(batch.x, np.float64)
+    xq = np.asarray(batch.x_query, np.float64)
+    y = np.asarray(batch.labels_BxNxO(), np.float64)[..., 0]
+    c = eta / batch.n_context
+    s = np.einsum("bnd,bd->bn", x, xq)
+    gram = np.einsum("bad,bcd->bac", x, x)
+    lower_eq = np.triu(np.ones(gram.shape[1:]))                  # i <= t
+    return 2 * c * np.sum(y * s, -1) - c**2 * np.einsum("bic,ic,bc,bi->b", gram, lower_eq, s, y)
+
+
+def ordered_order_terms(batch: TaskBatch, perms_BxPxN: Array) -> np.ndarray:
+    """:func:`sgd_order_term` of every task under every ordering, (B, P) (scalar outputs)."""
+    b, p, _ = perms_BxPxN.shape
+    q = sgd_order_term(ordered_batch(batch, perms_BxPxN))
+    return q.reshape((b, p) + q.shape[1:])
+
+
+def shuffled_correlation(a_BxP: Any, b_BxP: Any, key: Array) -> dict[str, float]:
+    """The null of :func:`order_correlation`: the same two predictors with the orderings of ``b`` re-paired at random
+    within each task (ordering k of ``a`` against a random ordering of ``b``), so any true pairing is destroyed while
+    both spreads are kept; expected 0."""
+    b = np.asarray(b_BxP, np.float64)
+    perm = np.asarray(jax.vmap(lambda k: jax.random.permutation(k, b.shape[1]))(jax.random.split(key, b.shape[0])))
+    return order_correlation(a_BxP, np.take_along_axis(b, perm, axis=1))

@@ -111,8 +111,147 @@ def layers_text(layers: list[int], k: int) -> str:
 
 
 def _counts_text(c: Mapping[str, int]) -> str:
-    return (f"{c['wins']} of {c['cells']} cells (loses {c['losses']}, ties {c['ties']}, undefined (NaN) "
-            f"{c['undefined']})")
+    return (f"{c['wins']} significant wins, {c['losses']} significant losses, {c['within_noise']} within noise"
+            + (f", {c['undefined']} undefined" if c["undefined"] else "") + f" (of {c['cells']} cells)")
+
+
+NULL_LABELS = {"random_direction": "random direction (standard FT's update norm)",
+               "untrained_model": "untrained model, same protocol (standard FT)",
+               "untrained_model_gd_steps": "untrained model vs explicit GD steps",
+               "nearest_neighbours": "competent learner: 3-nearest neighbours",
+               "toward_truth": "competent learner: oracle toward y_q"}
+
+
+def _ci(ci: Mapping[str, Any], n_seeds: int, digits: int = 3) -> str:
+    return format_ci(ci, digits) if n_seeds > 1 else fmt(ci["mean"], digits)
+
+
+def _findings(config, metrics: dict, n_seeds: int) -> list[str]:
+    head = metrics["headline"]
+    cmp_ = metrics["comparisons"]
+    lines = ["### Alignment beside its nulls", "",
+             "Mean SimAOU over layers, parametrisations and step counts"
+             + (f", per seed, then the mean over the {n_seeds} seeds with a 95% interval" if n_seeds > 1 else "")
+             + ". The nulls: the random direction (a fine-tuned copy moved by a Gaussian direction of the same norm); "
+             "the untrained-model control (the whole protocol, step-size tuning included, on each seed's "
+             "initialisation); competent learners that improve the prediction without being the model (the update "
+             "that moves the zero-shot prediction to the 3-nearest-neighbour prediction, or to the truth y_q). A "
+             "SimAOU is informative only where it exceeds all of them.", ""]
+    rows = []
+    cols = ["standard", "layer_causal", "forward_order", "explicit_gd_steps", "random_direction", "untrained_model",
+            "untrained_model_gd_steps", "nearest_neighbours", "toward_truth"]
+    for k, h in head.items():
+        rows.append([k] + [_ci(h[c], n_seeds) if c in h else "" for c in cols])
+    lines += [table(["K", "standard", "layer-causal", "forward order", "explicit GD step l", "random direction",
+                     "untrained model (std FT)", "untrained model (GD steps)", "3-NN learner", "oracle toward y_q"],
+                    rows)]
+    beats = []
+    for k, h in head.items():
+        nulls = {c: h[c]["mean"] for c in ("random_direction", "untrained_model", "nearest_neighbours",
+                                           "toward_truth") if c in h}
+        above = [NULL_LABELS[c] for c, v in nulls.items() if h["standard"]["mean"] > v]
+        below = [NULL_LABELS[c] for c, v in nulls.items() if h["standard"]["mean"] <= v]
+        beats.append(f"K = {k}: standard FT's mean SimAOU {fmt(h['standard']['mean'], 3)} is above "
+                     + (", ".join(above) if above else "no null")
+                     + (f"; not above {', '.join(below)}" if below else ""))
+    lines += ["Measured: " + "; ".join(beats) + ".", ""]
+    energy = {k: e["icl_y_energy"] for k, e in metrics["models"].items() if "icl_y_energy" in e}
+    if energy:
+        lines += ["Share of ICL's per-layer change of the query in the y-entry (sum over tasks of squared norms; the "
+                  "rest is in the x-entries): " + "; ".join(f"K = {k}: " + ", ".join(fmt(v, 3) for v in e)
+                                                            for k, e in energy.items())
+                  + ". Where it is near 1, SimAOU is close to the sign agreement of the prediction changes, which "
+                  "any learner that improves the prediction shares (hence the competent-learner nulls).", ""]
+    lines += ["### Layer-causal vs standard fine-tuning: paired tests per cell", "",
+              "A cell is (model depth, parametrisation, number of steps, layer). Per cell the per-task SimAOU "
+              "difference (variant - standard) is averaged over the seeds and tested over the test tasks (paired t "
+              "test, two-sided); a *win* or *loss* is a significant difference (p < 0.05); *Holm*: significance after "
+              "Holm's correction over all cells of the variant; *consistent*: significant after Holm and every "
+              "seed's mean difference of the same sign. By parametrisation: W_K, W_V (\"attention\", the set the "
+              "paper fine-tunes) and per-layer adapters.", ""]
+    rows = []
+    for variant, label in (("layer_causal", "layer-causal"), ("forward_order", "forward order")):
+        c = cmp_[f"{variant}_vs_standard"]
+        for crit in ("raw", "holm", "consistent"):
+            t = c["all"][crit]
+            rows.append([label, {"raw": "p < 0.05", "holm": "Holm", "consistent": "Holm + all seeds agree"}[crit],
+                         _wl(t["all"]), _wl(t["by_param_set"]["attention"]), _wl(t["by_param_set"]["adapters"])]
+                        + [_wl(c["by_depth"][k][crit]["all"]) for k in c["by_depth"]])
+    depths = list(cmp_["layer_causal_vs_standard"]["by_depth"])
+    lines += [table(["variant vs standard", "significance", "all cells (W / L / noise)", "W_K, W_V",
+                     "adapters"] + [f"K = {k}" for k in depths], rows)]
+    lc = cmp_["layer_causal_vs_standard"]["all"]["raw"]
+    lines += [f"Measured: layer-causal fine-tuning vs standard: {_counts_text(lc['all'])}; on W_K, W_V "
+              f"{_counts_text(lc['by_param_set']['attention'])}; on adapters "
+              f"{_counts_text(lc['by_param_set']['adapters'])}.", ""]
+    cell_rows = []
+    for k, cells in cmp_["layer_causal_vs_standard"]["cells"].items():
+        al = metrics["models"][k]["alignment"]
+        for c in cells:
+            key = f"{c['param_set']}|{c['steps']}|"
+            cell_rows.append([k, c["param_set"], c["steps"], c["layer"],
+                              al[key + "standard"]["simaou"][c["layer"] - 1],
+                              al[key + "layer_causal"]["simaou"][c["layer"] - 1],
+                              f"{fmt(c['mean_diff'], 3)} [{fmt(c['lo'], 3)}, {fmt(c['hi'], 3)}]",
+                              fmt(c["effect_size"], 3), fmt(c["p"], 2), f"{c['seeds_agreeing']}/{c['n_seeds']}",
+                              c["verdict"]])
+    lines += ["Per cell (layer-causal vs standard; SimAOU means over seeds):", "",
+              table(["K", "FT of", "steps", "layer", "standard", "layer-causal", "mean difference [95%]",
+                     "effect size d_z", "p", "seeds with the same sign", "verdict"], cell_rows)]
+    return lines
+
+
+def _wl(c: Mapping[str, int]) -> str:
+    return f"{c['wins']} / {c['losses']} / {c['within_noise']}" + (f" ({c['undefined']} undef.)"
+                                                                   if c["undefined"] else "")
+
+
+def _details(config, metrics: dict, n_seeds: int) -> list[str]:
+    lines: list[str] = []
+    for k, entry in metrics["models"].items():
+        gd = entry["gd_steps"]
+        ci = entry.get("ci", {})
+        icl = _ci(ci["icl_loss"], n_seeds, 4) if "icl_loss" in ci else fmt(entry["icl_loss"])
+        lines += [f"### K = {k} (ICL loss {icl}, trained in {fmt(entry.get('train_seconds', float('nan')), 3)} s)",
+                  "", f"Against the explicit GD steps (eta = {fmt(gd['eta'])}, tuned for {k} steps):", ""]
+        header = ["layer", "SimAOU_GD", "± sem", "rel. distance ||(h_ICL - h_ZSL) - g|| / ||g||", "max abs difference"]
+        gd_rows = [[l + 1, gd["simaou"][l], gd["simaou_sem"][l], gd["rel_distance"][l], gd["max_abs_diff"][l]]
+                   for l in range(len(gd["simaou"]))]
+        if n_seeds > 1:
+            header.append("SimAOU_GD over seeds (95%)")
+            for l, row in enumerate(gd_rows):
+                row.append(format_ci(ci["gd_steps_simaou"][l]))
+        lines += [table(header, gd_rows), "Against fine-tuning:", ""]
+        rows = []
+        for key, r in entry["alignment"].items():
+            ps, s, mode = key.split("|")
+            ft_loss = fmt(r["ft_query_loss"]) + (f" ({r['ft_diverged']} diverged)" if r["ft_diverged"] else "")
+            lr = (r["lr"] if n_seeds == 1 else
+                  " / ".join(fmt(p["alignment"][key]["lr"]) for p in entry.get("per_seed", [])) or r["lr"])
+            rows.append([ps, s, mode, lr, ft_loss,
+                         ", ".join(fmt(x, 3) for x in r["simaou"]),
+                         ", ".join(fmt(x, 3) for x in r.get("simaou_random_direction", [])),
+                         ", ".join(fmt(x, 3) for x in r["rel_distance"]),
+                         ", ".join(fmt(x, 3) for x in r["simam_delta"]),
+                         ", ".join(fmt(x, 3) for x in r.get("simam_delta_random_direction", []))])
+        lines += [table(["FT of", "steps", "mode", "lr" + (" per seed" if n_seeds > 1 else ""), "FT query loss",
+                         "SimAOU per layer", "SimAOU random dir. per layer", "rel. distance per layer",
+                         "SimAM_delta per layer", "SimAM_delta random dir. per layer"], rows)]
+        u = entry.get("untrained")
+        if u:
+            rows = [[key.split("|")[0], key.split("|")[1], ", ".join(fmt(x, 3) for x in r["simaou"]),
+                     ", ".join(fmt(x, 3) for x in r["simam_delta"]),
+                     ", ".join(fmt(x, 3) for x in r.get("simam_delta_random_direction", []))]
+                    for key, r in u["alignment"].items()]
+            lines += ["Untrained-model control (the same protocol on the initialisation, standard fine-tuning; "
+                      f"ICL loss {fmt(u['icl_loss'])}):", "",
+                      table(["FT of", "steps", "SimAOU per layer", "SimAM_delta per layer",
+                             "SimAM_delta random dir. per layer"], rows)]
+        nulls = entry.get("nulls", {})
+        if nulls:
+            lines += ["Competent-learner nulls, SimAOU per layer: " + "; ".join(
+                f"{NULL_LABELS[n]}: " + ", ".join(fmt(x, 3) for x in v) for n, v in nulls.items()) + ".", ""]
+    return lines
 
 
 def _seeds_text(n: int) -> str:
@@ -147,7 +286,10 @@ def _report(config, metrics: dict, figures: Mapping[str, str]) -> str:
         "losses, all layers updated together); *forward order* (layer-causal, the layers tuned one after the other). "
         "*Explicit GD step l*: the l-th step of K-step GD on the in-context loss (eta tuned for K steps), as the "
         "query-token update g^l = (0, -(w_l - w_(l-1)) x_q), compared with the ICL change h_ICL - h_ZSL.", "",
-        "## Hand-constructed K-layer GD model (exact control)", "",
+        "## Implementation checks (true by construction)", "",
+        "These hold because of how the hand model and the fine-tuning variants are built; they check the code, they "
+        "are not findings about ICL.", "",
+        "### Hand-constructed K-layer GD model", "",
         "Adapter fine-tuning with one step of size eta, and the explicit GD steps. Per layer: relative distance "
         "||h_ref - h_ICL|| / ||h_ICL - h_ZSL|| (0 = identical; h_ZSL = 0 here: a lone query has no key) and SimAOU "
         "(every update has only a y-entry, so SimAOU per task is a sign). The hand model does not depend on the "
@@ -174,88 +316,11 @@ def _report(config, metrics: dict, figures: Mapping[str, str]) -> str:
         "unchanged through identity layers; layer-causal: each layer's own loss at an identity input). Being "
         "layer-causal is therefore not enough for an exact match; what matters is that layer l is fitted to the "
         "residuals left by layers < l, which only the forward order does in one step.", "",
-        "## Trained models", ""]
-    summary_rows = []
-    for k, entry in metrics["models"].items():
-        gd = entry["gd_steps"]
-        ci = entry.get("ci", {})
-        icl = format_ci(ci["icl_loss"]) if n_seeds > 1 and "icl_loss" in ci else fmt(entry["icl_loss"])
-        lines += [f"### K = {k} (ICL loss {icl}, trained in {fmt(entry.get('train_seconds', float('nan')), 3)} s)",
-                  "", f"Against the explicit GD steps (eta = {fmt(gd['eta'])}, tuned for {k} steps):", ""]
-        header = ["layer", "SimAOU_GD", "± sem", "rel. distance ||(h_ICL - h_ZSL) - g|| / ||g||", "max abs difference"]
-        gd_rows = [[l + 1, gd["simaou"][l], gd["simaou_sem"][l], gd["rel_distance"][l], gd["max_abs_diff"][l]]
-                   for l in range(len(gd["simaou"]))]
-        if n_seeds > 1:
-            header.append("SimAOU_GD over seeds (95%)")
-            for l, row in enumerate(gd_rows):
-                row.append(format_ci(ci["gd_steps_simaou"][l]))
-        lines += [table(header, gd_rows), "Against fine-tuning:", ""]
-        rows = []
-        for key, r in entry["alignment"].items():
-            ps, s, mode = key.split("|")
-            ft_loss = fmt(r["ft_query_loss"]) + (f" ({r['ft_diverged']} diverged)" if r["ft_diverged"] else "")
-            lr = (r["lr"] if n_seeds == 1 else
-                  " / ".join(fmt(p["alignment"][key]["lr"]) for p in entry.get("per_seed", [])) or r["lr"])
-            rows.append([ps, s, mode, lr, ft_loss,
-                         ", ".join(fmt(x, 3) for x in r["simaou"]),
-                         ", ".join(fmt(x, 3) for x in r.get("simaou_random_direction", [])),
-                         ", ".join(fmt(x, 3) for x in r["rel_distance"]),
-                         ", ".join(fmt(x, 3) for x in r["simam_delta"]),
-                         ", ".join(fmt(x, 3) for x in r.get("simam_delta_random_direction", []))])
-        lines += [table(["FT of", "steps", "mode", "lr" + (" per seed" if n_seeds > 1 else ""), "FT query loss",
-                         "SimAOU per layer", "SimAOU random dir. per layer", "rel. distance per layer",
-                         "SimAM_delta per layer", "SimAM_delta random dir. per layer"], rows)]
-        for ps in PARAM_SETS:
-            for s in config.ft_steps:
-                std = entry["alignment"][f"{ps}|{s}|standard"]["simaou"]
-                lc = entry["alignment"][f"{ps}|{s}|layer_causal"]["simaou"]
-                fo = entry["alignment"][f"{ps}|{s}|forward_order"]["simaou"]
-                for l in range(len(std)):
-                    vals = {"standard": std[l], "layer-causal": lc[l], "forward order": fo[l]}
-                    finite = {m: v for m, v in vals.items() if np.isfinite(v)}
-                    best = max(finite, key=finite.get) if finite else "n/a"
-                    summary_rows.append([k, ps, s, l + 1, std[l], lc[l], fo[l], best, gd["simaou"][l]])
-    cmp_ = metrics["comparisons"]
-    lc_c, fo_c = cmp_["layer_causal_vs_standard"], cmp_["forward_order_vs_standard"]
-    cmp_ci = cmp_.get("ci", {})
-    pooled = "" if n_seeds == 1 else f", pooled over the {n_seeds} seeds"
-
-    def win_ci(variant: str) -> str:
-        if n_seeds == 1 or variant not in cmp_ci:
-            return ""
-        return f"; fraction of cells won per seed {format_ci(cmp_ci[variant]['win_fraction'], 3)}"
-
-    mean_rows = []
-    for k, m in cmp_["mean_simaou_by_depth"].items():
-        ci_k = cmp_ci.get("mean_simaou_by_depth", {}).get(k, {})
-        cells = [format_ci(ci_k[c], 3) if n_seeds > 1 and c in ci_k else m[c]
-                 for c in ("standard", "layer_causal", "forward_order", "explicit_gd_steps")]
-        nan_cells = " / ".join(str(m[f"{mode}_undefined"]) for mode in MODES)
-        mean_rows.append([k, *cells, nan_cells])
-    lines += ["## Which fine-tuning aligns better, per layer (SimAOU)", "",
-              table(["K", "FT of", "steps", "layer", "standard", "layer-causal", "forward order",
-                     "best fine-tuning", "explicit GD step l"], summary_rows),
-              "Cells are (model, parametrisation, steps, layer" + (", seed" if n_seeds > 1 else "") + "); a win needs "
-              "a SimAOU higher by more than 1e-12, and a cell where either value is NaN is counted as undefined, "
-              "never as a win or a loss." + ("" if n_seeds == 1 else " The table above shows means over seeds; the "
-                                             "counts below are taken per seed and pooled."), "",
-              f"- Layer-causal (the issue's definition) beats standard fine-tuning in {_counts_text(lc_c['all'])}"
-              f"{pooled}{win_ci('layer_causal_vs_standard')}; per depth: " + "; ".join(
-                  f"K = {k}: {c['wins']}/{c['cells']} (loses {c['losses']}, undefined {c['undefined']})"
-                  for k, c in lc_c["by_depth"].items()) + ".",
-              f"- Forward-order layer-causal (reported separately) beats standard in {_counts_text(fo_c['all'])}"
-              f"{pooled}{win_ci('forward_order_vs_standard')}; per depth: " + "; ".join(
-                  f"K = {k}: {c['wins']}/{c['cells']} (loses {c['losses']}, undefined {c['undefined']})"
-                  for k, c in fo_c["by_depth"].items()) + ".", "",
-              "Mean SimAOU per depth (over layers, parametrisations and step counts; NaN cells left out and counted"
-              + ("" if n_seeds == 1 else f"; per seed, then mean over the {n_seeds} seeds with a 95% interval") + "):",
-              "",
-              table(["K", "standard", "layer-causal", "forward order", "explicit GD step l",
-                     "NaN cells (std / lc / fo)"], mean_rows),
-              "Mean SimAOU over layers, per parametrisation and number of steps:", "",
-              table(["K", "FT of", "steps", "standard", "layer-causal", "forward order"],
-                    _layer_means(metrics, config.ft_steps)),
-              "Notes:", "",
+        "## Findings: trained models", ""]
+    lines += _findings(config, metrics, n_seeds)
+    lines += ["## Per-model details", ""]
+    lines += _details(config, metrics, n_seeds)
+    lines += ["Notes:", "",
               "- SimAM_delta is computed on the query's score on itself (the only key ICL, ZSL and FT share), across "
               "tasks. It is undefined (n/a) at layer 1: the score depends only on the token entering the layer, which "
               "is (x_q, 0) with and without demonstrations, so m_ICL - m_ZSL = 0 there. From layer 2 on the "
@@ -266,7 +331,10 @@ def _report(config, metrics: dict, figures: Mapping[str, str]) -> str:
               "identity; they separate with more steps.",
               "- The explicit GD reference uses the same eta for all layers (K-step GD tuned on the tuning tasks); "
               "SimAOU_GD is scale-free, so a trained model that takes GD-like steps of a different size still scores "
-              "1.", "",
+              "1.",
+              "- Fine-tuning here is full-batch GD on the demonstrations for the given number of steps, not the "
+              "one-SGD-step-per-demonstration protocol; the step size is tuned per variant, so each is compared at "
+              "its best.", "",
               "## Figures", ""] + [f"![{k}]({v})" for k, v in figures.items()]
     lines += ["", f"Total time: {metrics['total_seconds']:.1f} s.", ""]
     return "\n".join(lines)

@@ -8,8 +8,18 @@ forward-order fine-tuning of a zero-shot copy and with the explicit GD steps, be
 model as an exact control. Definitions and the library functions: :mod:`iclgd_synth.critiques.causality`.
 
 Seeds: every model is evaluated per seed; the per-model numbers in the metrics are means over seeds (counts, such as
-diverged fine-tuned copies and the win / loss / tie / undefined cells, are summed over seeds), with the per-seed
-entries under ``per_seed`` and 95% intervals under ``ci``. With one seed every number is that seed's value.
+diverged fine-tuned copies, are summed over seeds), with the per-seed entries under ``per_seed`` and 95% intervals
+under ``ci``. With one seed every number is that seed's value.
+
+Comparisons (``comparisons``): layer-causal (and forward-order) vs standard fine-tuning as paired tests per cell
+(depth, parametrisation, steps, layer) over the test tasks, with the mean difference, its interval, t, p and the
+effect size d_z; wins and losses count only significant cells (p < 0.05; also after Holm's correction over all cells,
+and "consistent": after Holm and with every seed's mean difference of the same sign), broken down by parametrisation
+(W_K, W_V: the set the paper fine-tunes; adapters) and steps.
+
+Nulls (``headline`` per depth, means over seeds with 95% intervals): the random-direction baseline, the untrained-model
+control (the same protocol on each seed's initialisation, standard fine-tuning), and competent learners that improve
+the prediction without being the model (k-nearest neighbours; an oracle moving the prediction to the truth).
 
 Science only: :func:`compute` returns the metrics and saves the training curves; the report and figures are
 rendered by :mod:`iclgd_synth.reports.causal`.
@@ -18,20 +28,20 @@ rendered by :mod:`iclgd_synth.reports.causal`.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 
 from iclgd_synth.critiques import causality as CA
-from iclgd_synth.critiques import finetune as F
 from iclgd_synth.intervals import combine_seeds, mean_ci
 from iclgd_synth.learners import tune_gd
 from iclgd_synth.model import ModelConfig
 from iclgd_synth.precision import float64
 from iclgd_synth.studies.protocol import Run, Study
 from iclgd_synth.tasks import TASK_PRESETS, sample
-from iclgd_synth.train import TrainConfig, train
+from iclgd_synth.train import TrainConfig, init_state, train
 from iclgd_synth.validation import check_float, check_int
 
 TUNE_SEED, EVAL_SEED = 8_000_009, 9_000_011
@@ -50,26 +60,30 @@ class CausalConfig:
         architecture; its ``n_layers`` is replaced by each depth in ``depths``, and models with at least
         ``deep_from`` layers also get ``clip=token_clip`` and ``lr=lr_deep``. Default: the ``vonoswald`` task
         (d = N = 10, x ~ U(-0.5, 0.5)), the query as a key (``include_query=True``: needed for fine-tuning W_K, W_V
-        of a zero-shot copy to do anything), 4000 steps of 512 tasks, lr 1e-3, clip 10, seed 0.
+        of a zero-shot copy to do anything), 4000 steps of 512 tasks, lr 1e-3, seeds 0-4 (trained together).
       depths: layers K of the trained deep LSA models, one model per depth. Default (2, 3, 5).
       deep_from: depth (layers) from which a model is trained with ``lr_deep`` and token clipping. Default 3.
       lr_deep: training learning rate of the deep models (the reference paper's 5e-4). Default 5e-4.
       token_clip: token-value clip of the deep models (None: no clipping). Default 10.
-      eval_tasks: held-out evaluation tasks (tasks). Default 1000.
-      tune_tasks: tasks for tuning the fine-tuning step sizes and GD's eta (tasks). Default 500.
+      eval_tasks: held-out evaluation tasks, the pairs of the paired tests (tasks). Default 500.
+      tune_tasks: tasks for tuning the fine-tuning step sizes and GD's eta (tasks). Default 250.
+      untrained_control: also run the protocol (standard fine-tuning, every parametrisation and step count) on each
+        seed's untrained initialisation, the control of "In-context Learning and Gradient Descent Revisited".
+        Default True.
       ft_steps: numbers of fine-tuning GD steps (steps). Default (1, 10).
       lr_grid: candidate fine-tuning step sizes (log-spaced). Default 10^(-2 .. 3), 11 values.
     """
 
     train: TrainConfig = TrainConfig(
         task=TASK_PRESETS["vonoswald"], model=ModelConfig(dim=10, n_layers=2, include_query=True), batch_size=512,
-        n_steps=4000, lr=1e-3, chunk_steps=250, checkpoint_every=1000)
+        n_steps=4000, lr=1e-3, seeds=(0, 1, 2, 3, 4), chunk_steps=250, checkpoint_every=1000)
     depths: tuple[int, ...] = (2, 3, 5)
     deep_from: int = 3
     lr_deep: float = 5e-4
     token_clip: float | None = 10.0
-    eval_tasks: int = 1000
-    tune_tasks: int = 500
+    eval_tasks: int = 500
+    tune_tasks: int = 250
+    untrained_control: bool = True
     ft_steps: tuple[int, ...] = (1, 10)
     lr_grid: tuple[float, ...] = dataclasses.field(default_factory=_default_lr_grid)
 
@@ -100,8 +114,10 @@ class CausalConfig:
         return dataclasses.replace(self, **changes)
 
     def quick(self) -> "CausalConfig":
-        """A CI-sized version: one depth (2), 100 steps of 128 tasks, 150 tasks, 2 fine-tuning steps, 4 step sizes."""
-        t = self.train.replace(n_steps=min(self.train.n_steps, 100), batch_size=min(self.train.batch_size, 128))
+        """A CI-sized version: one depth (2), 100 steps of 128 tasks, the first 2 seeds, 150 tasks, 2 fine-tuning
+        steps, 4 step sizes."""
+        t = self.train.replace(n_steps=min(self.train.n_steps, 100), batch_size=min(self.train.batch_size, 128),
+                               seeds=self.train.seeds[:2])
         return dataclasses.replace(self, train=t, depths=self.depths[:1], eval_tasks=150, tune_tasks=150,
                                    ft_steps=(2,), lr_grid=tuple(float(v) for v in np.logspace(-1, 2, 4)))
 
@@ -117,8 +133,8 @@ class CausalConfig:
 
 
 def compute(config: CausalConfig, run: Run) -> dict[str, Any]:
-    """Train a model per depth (every seed), evaluate each seed in float64 and the hand control; returns the
-    metrics (see the module docstring)."""
+    """Train a model per depth (every seed), evaluate each seed and its untrained initialisation in float64, and the
+    hand control; returns the metrics (see the module docstring)."""
     results = {}
     for k in config.depths:
         results[k] = train(config.train_for(k), run.dir / f"ckpt_{k}", progress=run.progress)
@@ -126,13 +142,30 @@ def compute(config: CausalConfig, run: Run) -> dict[str, Any]:
     seeds = list(config.train.seeds)
 
     task = config.train.task
+    per_task: dict[str, list] = {str(k): [] for k in config.depths}
     with float64():  # tasks are drawn in float64 too
         tune_batch = sample(jax.random.PRNGKey(TUNE_SEED), task, config.tune_tasks)
         test = sample(jax.random.PRNGKey(EVAL_SEED), task, config.eval_tasks)
         gd_eta = {k: tune_gd(tune_batch, k).eta for k in config.depths}
-        per_seed = [{str(k): CA.evaluate_model(results[k].seed_params(i), tune_batch, test, gd_eta[k],
-                                               ft_steps=config.ft_steps, lr_grid=config.lr_grid)
-                     for k in config.depths} for i in range(len(seeds))]
+        per_seed: list[dict[str, Any]] = []
+        untrained: list[dict[str, Any]] = []
+        for i, seed in enumerate(seeds):
+            row, row_u = {}, {}
+            for k in config.depths:
+                _progress(run, f"evaluating K = {k}, seed {seed}")
+                e = CA.evaluate_model(results[k].seed_params(i), tune_batch, test, gd_eta[k],
+                                      ft_steps=config.ft_steps, lr_grid=config.lr_grid, key=seed)
+                per_task[str(k)].append(e.pop("_per_task"))
+                row[str(k)] = e
+                if config.untrained_control:
+                    init, _, _ = init_state(config.train_for(k).replace(seeds=(seed,)))
+                    u = CA.evaluate_model(jax.tree.map(lambda a: a[0], init), tune_batch, test, gd_eta[k],
+                                          ft_steps=config.ft_steps, lr_grid=config.lr_grid, modes=("standard",),
+                                          key=seed)
+                    u.pop("_per_task")
+                    row_u[str(k)] = u
+            per_seed.append(row)
+            untrained.append(row_u)
         hand = {str(k): {"eta": gd_eta[k], **CA.hand_control(task.dim, k, gd_eta[k], test, task.n_context)}
                 for k in config.depths}
 
@@ -144,9 +177,30 @@ def compute(config: CausalConfig, run: Run) -> dict[str, Any]:
                           "tasks_per_second": r.tasks_per_second, "resumed_from_step": r.resumed_from,
                           "final_train_loss": float(np.mean(r.losses[:, -10:])), "seeds": seeds,
                           "per_seed": entries, "ci": _model_ci(entries)}
-    per_seed_cmp = [CA.comparisons(s, config.ft_steps) for s in per_seed]
-    cmp_ = {**combine_seeds(per_seed_cmp), "per_seed": per_seed_cmp, "ci": _comparison_ci(per_seed_cmp)}
-    return {"seeds": seeds, "n_seeds": len(seeds), "models": models, "hand_control": hand, "comparisons": cmp_}
+        if config.untrained_control:
+            u_entries = [s[str(k)] for s in untrained]
+            models[str(k)]["untrained"] = {**combine_seeds(u_entries), "per_seed": u_entries}
+    cmp_ = CA.comparisons(models, per_task, config.ft_steps)
+    means = {str(k): [CA.mean_simaou(s[str(k)], config.ft_steps) for s in per_seed] for k in config.depths}
+    cmp_["mean_simaou_by_depth"] = {k: combine_seeds(v) for k, v in means.items()}
+    cmp_["ci"] = {"mean_simaou_by_depth": {k: {col: mean_ci([r[col] for r in v]) for col in v[0]
+                                               if not col.endswith("_undefined")} for k, v in means.items()}}
+    headline = {}
+    for k in config.depths:
+        m = {col: ci for col, ci in cmp_["ci"]["mean_simaou_by_depth"][str(k)].items()}
+        if config.untrained_control:
+            m["untrained_model"] = mean_ci([CA.mean_simaou(s[str(k)], config.ft_steps)["standard"]
+                                            for s in untrained])
+            m["untrained_model_gd_steps"] = mean_ci([float(np.nanmean(s[str(k)]["gd_steps"]["simaou"]))
+                                                     for s in untrained])
+        headline[str(k)] = m
+    return {"seeds": seeds, "n_seeds": len(seeds), "models": models, "hand_control": hand, "comparisons": cmp_,
+            "headline": headline}
+
+
+def _progress(run: Run, message: str) -> None:
+    if run.progress:
+        print(f"[causal] {message}", file=sys.stderr, flush=True)
 
 
 def _model_ci(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -158,20 +212,6 @@ def _model_ci(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "gd_steps_simaou": per_layer([e["gd_steps"]["simaou"] for e in entries]),
             "simaou": {key: per_layer([e["alignment"][key]["simaou"] for e in entries])
                        for key in entries[0]["alignment"]}}
-
-
-def _comparison_ci(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """95% intervals over seeds: the fraction of cells in which each variant beats standard fine-tuning, and the
-    per-depth mean SimAOU of every variant and of the explicit GD steps."""
-    out: dict[str, Any] = {}
-    for variant in ("layer_causal", "forward_order"):
-        c = [s[f"{variant}_vs_standard"]["all"] for s in per_seed]
-        out[f"{variant}_vs_standard"] = {"win_fraction": mean_ci([x["wins"] / x["cells"] for x in c])}
-    out["mean_simaou_by_depth"] = {
-        k: {col: mean_ci([s["mean_simaou_by_depth"][k][col] for s in per_seed])
-            for col in (*F.MODES, "explicit_gd_steps")}
-        for k in per_seed[0]["mean_simaou_by_depth"]}
-    return out
 
 
 def _render(config, metrics, run_dir):
