@@ -361,4 +361,9 @@ def mean_simaou(entry: Mapping[str, Any], ft_steps: Sequence[int]) -> dict[str, 
     for name, vals in entry.get("nulls", {}).items():
         row[name] = mean(vals)
     row["explicit_gd_steps"] = mean(entry["gd_steps"]["simaou"])
+    # SimAM_delta (defined from layer 2 on) of standard fine-tuning and of its random direction.
+    for col, field in (("simam_delta_standard", "simam_delta"),
+                       ("simam_delta_random_direction", "simam_delta_random_direction")):
+        row[col] = mean([v for ps in F.PARAM_SETS for st in ft_steps
+                         for v in entry["alignment"][f"{ps}|{st}|standard"][field]])
     return row

@@ -145,6 +145,13 @@ def _findings(config, metrics: dict, n_seeds: int) -> list[str]:
     lines += [table(["K", "standard", "layer-causal", "forward order", "explicit GD step l", "random direction",
                      "untrained model (std FT)", "untrained model (GD steps)", "3-NN learner", "oracle toward y_q"],
                     rows)]
+    lines += ["SimAM_delta (the query's score on itself, across tasks; defined from layer 2 on), mean over layers, "
+              "parametrisations and step counts, standard fine-tuning beside its nulls (there is no attention map "
+              "for the competent learners):", "",
+              table(["K", "standard FT", "random direction", "untrained model (std FT)"],
+                    [[k, _ci(h["simam_delta_standard"], n_seeds), _ci(h["simam_delta_random_direction"], n_seeds),
+                      _ci(h["untrained_model_simam_delta"], n_seeds) if "untrained_model_simam_delta" in h else ""]
+                     for k, h in head.items()])]
     beats = []
     for k, h in head.items():
         nulls = {c: h[c]["mean"] for c in ("random_direction", "untrained_model", "nearest_neighbours",

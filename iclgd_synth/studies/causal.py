@@ -193,6 +193,8 @@ def compute(config: CausalConfig, run: Run) -> dict[str, Any]:
                                             for s in untrained])
             m["untrained_model_gd_steps"] = mean_ci([float(np.nanmean(s[str(k)]["gd_steps"]["simaou"]))
                                                      for s in untrained])
+            m["untrained_model_simam_delta"] = mean_ci([CA.mean_simaou(s[str(k)], config.ft_steps)[
+                "simam_delta_standard"] for s in untrained])
         headline[str(k)] = m
     return {"seeds": seeds, "n_seeds": len(seeds), "models": models, "hand_control": hand, "comparisons": cmp_,
             "headline": headline}
