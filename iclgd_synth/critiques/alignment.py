@@ -99,3 +99,93 @@ def rec2ftp(err_zsl: Any, err_icl: Any, err_ft: Any) -> dict[str, float]:
     n = int(ft_fix.sum())
     return {"rec2ftp": float(icl_fix[ft_fix].mean()) if n else float("nan"), "n_ft_improves": n,
             "icl_improves_rate": float(icl_fix.mean())}
+
+
+# --------------------------------------------------------------------------- the paper's definitions and the nulls
+
+def normalised_sim_aou(h_icl: Any, h_zsl: Any, h_ft: Any, *, rel_tol: float = 1e-10) -> np.ndarray:
+    """Per-task SimAOU as "Why Can GPT Learn In-Context?" defines it (Sec. 4, SimAOU): each attention output is first
+    normalised to unit length, then cos(h^_ICL - h^_ZSL, h^_FT - h^_ZSL); inputs (B, D). NaN where a change is at
+    rounding level; a zero output stays zero (:func:`unit_rows`).
+
+    Normalising removes the size of each output, so a change that only rescales the zero-shot output is no change;
+    :func:`sim_aou` (unnormalised) is what the testbed reported before and is kept beside it."""
+    return _delta_cosine(*(unit_rows(v) for v in (h_icl, h_zsl, h_ft)), rel_tol)
+
+
+def unit_rows(a: Any) -> np.ndarray:
+    """Each row of a (B, ...) scaled to unit length, (B, F); a zero row stays zero (the convention that lets a
+    zero-shot model whose attention output is 0, e.g. a lone query that is not a key, be compared at all)."""
+    r = np.asarray(a, np.float64).reshape(np.shape(a)[0], -1)
+    n = np.linalg.norm(r, axis=1, keepdims=True)
+    return r / np.where(n > 0, n, 1.0)
+
+
+def energy_fraction(delta_BxD: Any, channels: Any) -> np.ndarray:
+    """Per task, the fraction ||delta[channels]||^2 / ||delta||^2 of a change's energy in ``channels`` (a slice or
+    index list over the last axis); NaN for a zero change. Near 1 for the y entries means a cosine of two such changes
+    is nearly the sign agreement of their y entries (with one output channel)."""
+    delta = np.asarray(delta_BxD, np.float64).reshape(np.shape(delta_BxD)[0], -1)
+    total = np.sum(delta**2, axis=1)
+    part = np.sum(delta[:, channels] ** 2, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, part / np.where(total > 0, total, 1.0), np.nan)
+
+
+def kendall_tau_channels(a_BxNxO: Any, b_BxNxO: Any) -> np.ndarray:
+    """Kendall's tau-a per task and output channel, averaged over channels, (B,); (B, N) inputs are one channel.
+    With vector outputs each channel ranks the demonstrations by its own entry (a ranking needs scalars)."""
+    a, b = np.asarray(a_BxNxO, np.float64), np.asarray(b_BxNxO, np.float64)
+    if a.ndim == 2:
+        a, b = a[..., None], b[..., None]
+    if a.shape != b.shape or a.ndim != 3:
+        raise ValueError(f"kendall_tau_channels needs two (B, N) or (B, N, O) arrays of the same shape, got "
+                         f"{np.shape(a_BxNxO)} and {np.shape(b_BxNxO)}")
+    bsz, n, o = a.shape
+    per = kendall_tau(np.moveaxis(a, 2, 1).reshape(bsz * o, n), np.moveaxis(b, 2, 1).reshape(bsz * o, n))
+    return per.reshape(bsz, o).mean(axis=1)
+
+
+def error_norms(pred_BxO: Any, y_BxO: Any) -> np.ndarray:
+    """Per-task error size ||pred - y|| (the absolute error for scalar outputs), (B,); NaN where pred is not finite."""
+    diff = np.asarray(pred_BxO, np.float64) - np.asarray(y_BxO, np.float64)
+    diff = diff.reshape(diff.shape[0], -1)
+    out = np.linalg.norm(diff, axis=1)
+    return np.where(np.all(np.isfinite(diff), axis=1), out, np.nan)
+
+
+def rec2ftp_selection_corrected(err_zsl: Any, err_icl: Any, err_ft: Any, n_bins: int = 5) -> dict[str, Any]:
+    """Rec2FTP beside the rate it would have if ICL's improvements were independent of FT's *given the zero-shot
+    error*: both improve mostly where the zero-shot error is large, so the unconditional rate of ICL improving is the
+    wrong base rate.
+
+    Tasks are stratified into ``n_bins`` quantile bins of |err_zsl|; ``expected`` = sum over bins of (share of FT's
+    improvements in the bin) x (ICL's improvement rate in the bin), and ``excess`` = rec2ftp - expected (about 0 for an
+    improver that is unrelated to ICL beyond the zero-shot error). Tasks with a non-finite error are left out.
+    Returns {"rec2ftp", "expected", "excess", "n_ft_improves", "icl_improves_rate"}."""
+    if int(n_bins) < 1:
+        raise ValueError(f"n_bins must be an integer >= 1, got {n_bins}")
+    e0, ei, ef = (np.abs(np.asarray(e, np.float64)).ravel() for e in (err_zsl, err_icl, err_ft))
+    ok = np.isfinite(e0) & np.isfinite(ei) & np.isfinite(ef)
+    e0, ei, ef = e0[ok], ei[ok], ef[ok]
+    base = rec2ftp(e0, ei, ef)
+    ft_fix, icl_fix = ef < e0, ei < e0
+    n_ft = int(ft_fix.sum())
+    if n_ft == 0:
+        return {**base, "expected": float("nan"), "excess": float("nan")}
+    edges = np.quantile(e0, np.linspace(0.0, 1.0, int(n_bins) + 1))
+    bins = np.clip(np.searchsorted(edges, e0, side="right") - 1, 0, int(n_bins) - 1)
+    expected = 0.0
+    for k in range(int(n_bins)):
+        in_bin = bins == k
+        if in_bin.any() and ft_fix[in_bin].any():
+            expected += ft_fix[in_bin].sum() / n_ft * icl_fix[in_bin].mean()
+    return {**base, "expected": float(expected), "excess": float(base["rec2ftp"] - expected)}
+
+
+def sim_am_across_tasks(m_a: Any, m_b: Any) -> float:
+    """Dai's SimAM (not the delta form) when the maps share a single key: one cosine between the (B,) vectors of that
+    key's attention score across tasks (a per-task cosine of two scalars is only their sign agreement). NaN if either
+    vector is zero."""
+    a, b = (np.asarray(v, np.float64).ravel()[None] for v in (m_a, m_b))
+    return float(cosine_rows(a, b)[0])

@@ -14,7 +14,9 @@ Definitions in this testbed (the choices the reports refer to):
     e <- e + attn_l(e) + A_l e[:d]. By the dual form, ICL's layer l changes the query by Delta W^l_ICL e_q, so the
     adapters are the fine-tunable counterpart of the implicit weights (reading the input part x of the token, which
     is all that a GD step's Delta W x reads).
-- **How** (``mode``), by full-batch GD with step ``lr`` for ``steps`` steps:
+- **How** (``mode``), by full-batch GD with step ``lr`` for ``steps`` steps (:func:`finetune`), or (``protocol=
+  "sequential"``, :func:`finetune_sequential`) by one SGD step of size ``lr`` per demonstration, in demonstration
+  order, batch 1, for ``steps`` passes: the protocol of "Why Can GPT Learn In-Context?" (standard mode only):
   - ``"standard"``: the loss of the final read-out, gradients through all layers;
   - ``"layer_causal"`` ("In-context Learning and Gradient Descent Revisited"): a read-out (minus the y-part) after
     every layer, each layer's input detached (stop-gradient), loss = sum over layers, so layer l's parameters see
@@ -49,6 +51,9 @@ from iclgd_synth.validation import check_choice, check_int
 
 PARAM_SETS = ("attention", "adapters")
 MODES = ("standard", "layer_causal", "forward_order")
+#: How the demonstrations are presented: all at once (full-batch GD, ``steps`` steps) or one SGD step per
+#: demonstration in their order, batch 1 (``steps`` passes), the protocol of "Why Can GPT Learn In-Context?".
+PROTOCOLS = ("full_batch", "sequential")
 
 
 @flax.struct.dataclass
@@ -174,6 +179,46 @@ def finetune(model: ZeroShotModel, batch: TaskBatch, lr: Any, *, param_set: str 
         batch.x, y)
 
 
+def finetune_sequential_task(model: ZeroShotModel, x_Nxd: Array, y_NxO: Array, lr: Any, *,
+                             param_set: str = "attention", epochs: int = 1) -> ZeroShotModel:
+    """One SGD step of size ``lr`` per demonstration, in their order, batch 1 (loss 0.5 ||y_hat(x_i) - y_i||^2 of the
+    final read-out, gradients through all layers), for ``epochs`` passes; returns the tuned copy."""
+    check_choice("param_set", param_set, PARAM_SETS)
+    epochs = check_int("epochs", epochs, min_value=1)
+
+    def step(theta, xy):
+        x_d, y_O = xy
+        g = jax.grad(lambda th: task_loss(insert_params(model, th, param_set), x_d[None], y_O[None], "standard"))(
+            theta)
+        return jax.tree.map(lambda p, gp: p - lr * gp, theta, g), None
+
+    xs = (jnp.tile(x_Nxd, (epochs, 1)), jnp.tile(y_NxO, (epochs, 1)))
+    theta, _ = jax.lax.scan(step, select_params(model, param_set), xs)
+    return insert_params(model, theta, param_set)
+
+
+@functools.partial(jax.jit, static_argnames=("param_set", "epochs"))
+def finetune_sequential(model: ZeroShotModel, batch: TaskBatch, lr: Any, *, param_set: str = "attention",
+                        epochs: int = 1) -> ZeroShotModel:
+    """:func:`finetune_sequential_task` for every task of ``batch`` (leading task axis B on every leaf)."""
+    y = batch.labels_BxNxO()
+    return jax.vmap(lambda x, yy: finetune_sequential_task(model, x, yy, lr, param_set=param_set, epochs=epochs))(
+        batch.x, y)
+
+
+def finetune_protocol(model: ZeroShotModel, batch: TaskBatch, lr: Any, *, param_set: str = "attention",
+                      mode: str = "standard", steps: int = 1, protocol: str = "full_batch") -> ZeroShotModel:
+    """:func:`finetune` (``protocol="full_batch"``, ``steps`` GD steps) or :func:`finetune_sequential`
+    (``"sequential"``, ``steps`` passes over the demonstrations; ``mode`` must be ``"standard"``)."""
+    check_choice("protocol", protocol, PROTOCOLS)
+    if protocol == "full_batch":
+        return finetune(model, batch, lr, param_set=param_set, mode=mode, steps=steps)
+    if mode != "standard":
+        raise ValueError(f"mode must be 'standard' with protocol='sequential' (the paper's sequential fine-tuning "
+                         f"has one loss, of the final read-out), got {mode!r}")
+    return finetune_sequential(model, batch, lr, param_set=param_set, epochs=check_int("steps", steps, min_value=1))
+
+
 @jax.jit
 def per_task_query_pass(models: ZeroShotModel, batch: TaskBatch) -> tuple[Array, Array]:
     """Per-task copies (leading axis B) on their own task's lone query: the query token after every layer and the
@@ -261,13 +306,14 @@ def n_diverged(tokens_KxBxD: Array) -> int:
 
 
 def tune_lr(model: ZeroShotModel, batch: TaskBatch, *, param_set: str, mode: str, steps: int,
-            grid: Any = None) -> tuple[float, dict[float, float]]:
+            grid: Any = None, protocol: str = "full_batch") -> tuple[float, dict[float, float]]:
     """The fine-tuning step size from a log grid that minimises the fine-tuned copies' query loss on ``batch``
-    (step sizes for which any task diverges are rejected)."""
+    (step sizes for which any task diverges are rejected); ``protocol`` as in :func:`finetune_protocol`."""
     grid = np.logspace(-2, 2.5, 19) if grid is None else np.asarray(grid, np.float64)
     losses = {}
     for lr in grid:
-        tuned = finetune(model, batch, float(lr), param_set=param_set, mode=mode, steps=steps)
+        tuned = finetune_protocol(model, batch, float(lr), param_set=param_set, mode=mode, steps=steps,
+                                  protocol=protocol)
         toks, _ = per_task_query_pass(tuned, batch)
         loss = query_loss(toks, batch, model.dim)
         # A step size that makes any tuning task diverge is rejected.

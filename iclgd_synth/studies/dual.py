@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from typing import Any, Sequence
 
 import jax
@@ -34,10 +35,10 @@ import numpy as np
 from iclgd_synth.constructions import gd_params
 from iclgd_synth.critiques import dual as D
 from iclgd_synth.dual_form import dual_form, export_dual_forms, reconstruction_error
-from iclgd_synth.intervals import combine_seeds, mean_ci
+from iclgd_synth.intervals import combine_seeds, mean_ci, paired_test
 from iclgd_synth.learners import tune_gd
 from iclgd_synth.metrics import loss as model_loss
-from iclgd_synth.model import ModelConfig, TransformerParams
+from iclgd_synth.model import ModelConfig, TransformerParams, init_params
 from iclgd_synth.precision import float64, to_float64
 from iclgd_synth.storage import to_json
 from iclgd_synth.studies.protocol import Run, Study
@@ -46,10 +47,15 @@ from iclgd_synth.train import TrainConfig, train
 from iclgd_synth.validation import check_float, check_int
 
 TUNE_SEED, EVAL_SEED = 6_000_011, 7_000_003
+#: Key offset of the untrained control's initialisation (seed s: PRNGKey(UNTRAINED_SEED + s)).
+UNTRAINED_SEED = 8_000_009
 #: The 1-layer model of the ICL-vs-FT metrics (the query is a key, so the zero-shot copy has one).
 IQ_LABEL = "LSA, query is a key (for ICL vs FT)"
-#: Headline entries of every ICL-vs-FT summary that get a 95% interval over seeds.
-FT_CI_KEYS = ("simaou", "simaou_random_direction", "simaou_other_task_ft", "kendall_abs", "kendall_signed")
+
+
+def vector_label(out_dim: int) -> str:
+    """The 1-layer query-as-key LSA trained on tasks with d_out = ``out_dim`` outputs (ICL vs FT, vector outputs)."""
+    return f"LSA, query is a key, d_out = {out_dim} (ICL vs FT)"
 
 
 def multilayer_label(k: int) -> str:
@@ -64,10 +70,20 @@ class DualConfig:
     Attributes:
       train: training of every model (AdamW, batch, steps, lr, seeds ...); ``train.model`` is the plain 1-layer LSA,
         and every other model is it with ``.replace`` (momentum, query as a key, depth, causal mask). Default: the
-        ``vonoswald`` task (d = N = 10, x ~ U(-0.5, 0.5)), 3000 steps of 512 tasks, lr 1e-3, clip 10, seed 0.
+        ``vonoswald`` task (d = N = 10, x ~ U(-0.5, 0.5)), 3000 steps of 512 tasks, lr 1e-3, clip 10, seeds 0-4.
       eval_tasks: held-out tasks on which every metric is measured (tasks). Default 2000.
       tune_tasks: separate tasks for tuning step sizes, GD's eta and the fine-tuning lr (tasks). Default 1000.
-      ft_steps: numbers of fine-tuning GD steps compared (steps). Default (1, 10).
+      ft_steps: numbers of full-batch fine-tuning GD steps compared (steps). Default (1, 10).
+      sequential_passes: passes of the paper's sequential fine-tuning (one SGD step per demonstration, in order,
+        batch 1, W_K and W_V) compared beside the full-batch variants; empty skips it (passes). Default (1,).
+      vector_out_dim: d_out of a second query-as-key LSA trained on vector-output tasks, on which the ICL-vs-FT
+        metrics are measured too (with one output channel SimAOU is close to a sign test); 0 skips it (outputs).
+        Default 3.
+      untrained_control: also measure every ICL-vs-FT metric on an untrained (initialised) copy of the query-as-key
+        LSA, per seed (flag). Default True.
+      rec2ftp_bins: quantile bins of the zero-shot error for the selection-corrected Rec2FTP (bins). Default 5.
+      ft_lr_points: points of the log grid 1e-2..10^2.5 over which every fine-tuning step size is tuned (points).
+        Default 19.
       beta: momentum-attention decay, in [0, 1] (dimensionless). Default 0.5.
       causal_depth: layers of a causal pair (vanilla and values momentum) trained beside the others; 0 skips the pair
         (layers). Default 2.
@@ -79,10 +95,16 @@ class DualConfig:
     """
 
     train: TrainConfig = TrainConfig(task=TASK_PRESETS["vonoswald"], model=ModelConfig(dim=10), batch_size=512,
-                                     n_steps=3000, lr=1e-3, chunk_steps=250, checkpoint_every=1000)
+                                     n_steps=3000, lr=1e-3, chunk_steps=250, checkpoint_every=1000,
+                                     seeds=(0, 1, 2, 3, 4))
     eval_tasks: int = 2000
     tune_tasks: int = 1000
     ft_steps: tuple[int, ...] = (1, 10)
+    sequential_passes: tuple[int, ...] = (1,)
+    vector_out_dim: int = 3
+    untrained_control: bool = True
+    rec2ftp_bins: int = 5
+    ft_lr_points: int = 19
     beta: float = 0.5
     causal_depth: int = 2
     multilayer_depth: int = 2
@@ -91,6 +113,20 @@ class DualConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "ft_steps", tuple(self.ft_steps))
+        object.__setattr__(self, "sequential_passes", tuple(self.sequential_passes))
+        for s in self.sequential_passes:
+            check_int("sequential_passes[i]", s, min_value=1)
+        if len(set(self.sequential_passes)) != len(self.sequential_passes):
+            raise ValueError(f"sequential_passes must be different numbers of passes, got "
+                             f"{list(self.sequential_passes)}")
+        check_int("vector_out_dim", self.vector_out_dim, min_value=0)
+        if self.vector_out_dim == 1:
+            raise ValueError("vector_out_dim must be 0 (no vector-output model) or >= 2: the main model already has "
+                             "d_out = 1")
+        check_int("rec2ftp_bins", self.rec2ftp_bins, min_value=1)
+        check_int("ft_lr_points", self.ft_lr_points, min_value=2)
+        if not isinstance(self.untrained_control, bool):
+            raise ValueError(f"untrained_control must be true or false, got {self.untrained_control!r}")
         if not self.ft_steps:
             raise ValueError("ft_steps must hold at least one number of fine-tuning steps")
         for s in self.ft_steps:
@@ -122,18 +158,28 @@ class DualConfig:
                                  "1-layer linear-attention model from which the study derives the others (momentum, "
                                  "query as a key, depth, causal mask are set per model)")
         if self.train.task.out_dim != 1:
-            raise ValueError(f"train.task.out_dim must be 1 (the ICL-vs-FT metrics compare scalar predictions), got "
-                             f"{self.train.task.out_dim}")
+            raise ValueError(f"train.task.out_dim must be 1 (the main models have scalar outputs; vector outputs are "
+                             f"the separate model of vector_out_dim), got {self.train.task.out_dim}")
 
     def replace(self, **changes) -> "DualConfig":
         return dataclasses.replace(self, **changes)
 
     def quick(self) -> "DualConfig":
-        """A CI-sized version: 100 steps of 128 tasks, 200 tasks, fine-tuning 1 and 5 steps, no causal pair, 2 trials
-        of the momentum relations (same code path)."""
-        t = self.train.replace(n_steps=min(self.train.n_steps, 100), batch_size=min(self.train.batch_size, 128))
+        """A CI-sized version: the first 2 seeds (so that intervals exist), 100 steps of 128 tasks, 200 tasks,
+        fine-tuning 1 and 5 steps, no causal pair, 2 trials of the momentum relations (same code path)."""
+        t = self.train.replace(n_steps=min(self.train.n_steps, 100), batch_size=min(self.train.batch_size, 128),
+                               seeds=self.train.seeds[:2])
         return dataclasses.replace(self, train=t, eval_tasks=200, tune_tasks=200, ft_steps=(1, 5), causal_depth=0,
                                    equivalence_trials=2)
+
+    def variants(self) -> list[tuple[str, int]]:
+        """(protocol, steps) of every fine-tuning variant: full-batch GD, then the paper's sequential SGD."""
+        return ([("full_batch", s) for s in self.ft_steps]
+                + [("sequential", s) for s in self.sequential_passes])
+
+    def lr_grid(self) -> np.ndarray:
+        """The fine-tuning step sizes tried when tuning."""
+        return np.logspace(-2, 2.5, self.ft_lr_points)
 
     def models(self) -> dict[str, ModelConfig]:
         """label -> architecture of every trained model, each derived from ``train.model``."""
@@ -147,6 +193,8 @@ class DualConfig:
             out[f"causal LSA, {k} layers + momentum (values, beta {b})"] = base.replace(
                 n_layers=k, causal=True, momentum=b, momentum_kind="values")
         out[IQ_LABEL] = base.replace(include_query=True)
+        if self.vector_out_dim:
+            out[vector_label(self.vector_out_dim)] = base.replace(include_query=True, out_dim=self.vector_out_dim)
         if self.multilayer_depth:
             out[multilayer_label(self.multilayer_depth)] = base.replace(n_layers=self.multilayer_depth,
                                                                         include_query=True)
@@ -158,14 +206,23 @@ def compute(config: DualConfig, run: Run) -> dict[str, Any]:
     relations; returns the metrics (see the module docstring) and saves the figures' arrays."""
     task = config.train.task
     d, n = task.dim, task.n_context
-    results = {label: train(config.train.replace(model=model), run.dir / f"ckpt_{i}", progress=run.progress)
+    results = {label: train(config.train.replace(model=model, task=task.replace(out_dim=model.out_dim)),
+                            run.dir / f"ckpt_{i}", progress=run.progress)
                for i, (label, model) in enumerate(config.models().items())}
     seeds = list(config.train.seeds)
     ml_label = multilayer_label(config.multilayer_depth) if config.multilayer_depth else None
+    vec_label = vector_label(config.vector_out_dim) if config.vector_out_dim else None
 
     with float64():  # tasks are drawn in float64 too
         tune_batch = sample(jax.random.PRNGKey(TUNE_SEED), task, config.tune_tasks)
         test = sample(jax.random.PRNGKey(EVAL_SEED), task, config.eval_tasks)
+        learners = D.tuned_learners(tune_batch)
+        vec = None
+        if vec_label is not None:
+            vtask = task.replace(out_dim=config.vector_out_dim)
+            vtune = sample(jax.random.PRNGKey(TUNE_SEED), vtask, config.tune_tasks)
+            vec = (vtune, sample(jax.random.PRNGKey(EVAL_SEED), vtask, config.eval_tasks),
+                   D.tuned_learners(vtune))
         eta = tune_gd(tune_batch, 1).eta
         hand = gd_params(d, eta, n_context=n)
         df_hand, meta = D.hand_dual_form(test, eta)
@@ -174,13 +231,20 @@ def compute(config: DualConfig, run: Run) -> dict[str, Any]:
         hand_ft = D.icl_vs_ft(hand, test, eta, 1, jax.random.PRNGKey(0), param_set="adapters")
         hand_losses, dual_weights = D.hand_momentum_losses(eta, config.beta, tune_batch, test)
         per_seed = []
-        for i in range(len(seeds)):
+        untrained_cfg = config.models()[IQ_LABEL]
+        for i, seed in enumerate(seeds):
+            if run.progress:
+                print(f"dual: evaluating seed {seed} ({i + 1} of {len(seeds)})", file=sys.stderr, flush=True)
             params = {label: to_float64(r.seed_params(i)) for label, r in results.items()}
             losses = {label: np.asarray(r.losses[i]) for label, r in results.items()}
-            per_seed.append(_evaluate_seed(params, losses, tune_batch, test, config.ft_steps, ml_label))
+            untrained = (to_float64(init_params(jax.random.PRNGKey(UNTRAINED_SEED + seed), untrained_cfg))
+                         if config.untrained_control else None)
+            per_seed.append(_evaluate_seed(params, losses, tune_batch, test, config, learners, ml_label, vec_label,
+                                           vec, untrained))
         equivalence = [D.momentum_equivalence_errors(s, config.equivalence_trials) for s in seeds]
         first = {label: to_float64(r.seed_params(0)) for label, r in results.items()}
-        export = {**first, f"hand GD (1 step, eta {eta:.4g})": hand}
+        # One archive of scalar-output tasks: the vector-output model (other token width) is left out of it.
+        export = {**{k: v for k, v in first.items() if k != vec_label}, f"hand GD (1 step, eta {eta:.4g})": hand}
         export_index = export_dual_forms(run.dir / "dual_form.npz", export,
                                          sample(jax.random.PRNGKey(EVAL_SEED), task, config.export_tasks))
         figure_mats = _dual_form_matrices(df_hand, meta, first, test, d)
@@ -194,11 +258,19 @@ def compute(config: DualConfig, run: Run) -> dict[str, Any]:
         momentum_models[label]["train_seconds"] = r.train_seconds
     metrics: dict[str, Any] = {
         "seeds": seeds, "n_seeds": len(seeds), "gd_eta": eta,
+        "learners": {k: _learner_params(v) for k, v in learners.items()},
         "dual_form": {"relative_reconstruction_error": recon, **hand_checks},
         "icl_vs_ft": {"model": IQ_LABEL, "by_steps": combine_seeds([s["icl_vs_ft"] for s in per_seed]),
                       "icl_model_loss": combine_seeds([s["icl_model_loss"] for s in per_seed]),
                       "hand_control": hand_ft},
     }
+    if config.untrained_control:
+        metrics["icl_vs_ft_untrained"] = {"model": f"untrained {IQ_LABEL}",
+                                          "by_steps": combine_seeds([s["icl_vs_ft_untrained"] for s in per_seed])}
+    if vec_label is not None:
+        metrics["icl_vs_ft_vector"] = {"model": vec_label, "out_dim": config.vector_out_dim,
+                                       "by_steps": combine_seeds([s["icl_vs_ft_vector"] for s in per_seed]),
+                                       "learners": {k: _learner_params(v) for k, v in vec[2].items()}}
     if ml_label is not None:
         metrics["simam_delta_multilayer"] = {
             "model": ml_label, "n_layers": config.multilayer_depth,
@@ -211,23 +283,41 @@ def compute(config: DualConfig, run: Run) -> dict[str, Any]:
     metrics["train_seconds"] = {label: r.train_seconds for label, r in results.items()}
     metrics["resumed_from_step"] = {label: r.resumed_from for label, r in results.items()}
     metrics["ci"] = _seed_ci(per_seed, ml_label is not None)
+    metrics["headline"] = _headline_ci(per_seed)
     return json.loads(to_json(metrics))  # str keys and plain numbers: what the report reads back from metrics.json
 
 
+def _learner_params(learner: Any) -> dict[str, Any]:
+    """A tuned learner's hyper-parameters, for the record."""
+    return {"kind": type(learner).__name__, **{k: float(getattr(learner, k)) for k in ("lam", "eta")
+                                               if hasattr(learner, k)}}
+
+
 def _evaluate_seed(params: dict[str, TransformerParams], losses: dict[str, np.ndarray], tune_batch: TaskBatch,
-                   test: TaskBatch, ft_steps: Sequence[int], ml_label: str | None) -> dict[str, Any]:
-    """One seed's numbers (float64 parameters): dual-form reconstruction of every model, ICL vs FT, SimAM_delta and
-    the trained models' losses."""
+                   test: TaskBatch, config: DualConfig, learners: dict[str, Any], ml_label: str | None,
+                   vec_label: str | None, vec: tuple | None, untrained: TransformerParams | None) -> dict[str, Any]:
+    """One seed's numbers (float64 parameters): dual-form reconstruction of every model, ICL vs FT (every variant,
+    with the nulls; on the untrained copy and the vector-output model too), SimAM_delta and the trained models'
+    losses."""
+    variants, grid, bins = config.variants(), config.lr_grid(), config.rec2ftp_bins
+    recon_batch = {label: (vec[1] if label == vec_label else test) for label in params}
     out: dict[str, Any] = {
-        "relative_reconstruction_error": {label: reconstruction_error(p, test) for label, p in params.items()},
-        "icl_vs_ft": {str(s): r for s, r in D.icl_vs_ft_by_steps(params[IQ_LABEL], tune_batch, test,
-                                                                  ft_steps).items()},
+        "relative_reconstruction_error": {label: reconstruction_error(p, recon_batch[label])
+                                          for label, p in params.items()},
+        "icl_vs_ft": D.icl_vs_ft_variants(params[IQ_LABEL], tune_batch, test, variants, learners, lr_grid=grid,
+                                           n_bins=bins),
         "icl_model_loss": model_loss(params[IQ_LABEL], test),
         "momentum_models": {label: {"final_train_loss": float(np.mean(losses[label][-50:])),
-                                    "test_loss": model_loss(p, test)} for label, p in params.items()}}
+                                    "test_loss": model_loss(p, recon_batch[label])} for label, p in params.items()}}
+    if untrained is not None:
+        out["icl_vs_ft_untrained"] = D.icl_vs_ft_variants(untrained, tune_batch, test, variants, learners,
+                                                          lr_grid=grid, n_bins=bins)
+    if vec_label is not None:
+        out["icl_vs_ft_vector"] = D.icl_vs_ft_variants(params[vec_label], vec[0], vec[1], variants, vec[2],
+                                                       lr_grid=grid, n_bins=bins)
     if ml_label is not None:
-        out["simam_delta_multilayer"] = {str(s): r for s, r in D.simam_delta_by_steps(params[ml_label], tune_batch,
-                                                                                       test, ft_steps).items()}
+        out["simam_delta_multilayer"] = D.simam_delta_variants(params[ml_label], tune_batch, test, variants,
+                                                                 lr_grid=grid)
     return out
 
 
@@ -262,20 +352,50 @@ def _seed_ci(per_seed: Sequence[dict[str, Any]], multilayer: bool) -> dict[str, 
     out: dict[str, Any] = {"icl_model_loss": mean_ci([s["icl_model_loss"] for s in per_seed]), "icl_vs_ft": {}}
     for st in first["icl_vs_ft"]:
         rows = [s["icl_vs_ft"][st] for s in per_seed]
-        ci = {k: mean_ci([r[k]["mean"] for r in rows]) for k in FT_CI_KEYS}
-        ci["rec2ftp"] = mean_ci([r["rec2ftp"]["rec2ftp"] for r in rows])
-        ci.update({f"loss_{k}": mean_ci([r["loss"][k] for r in rows]) for k in ("icl", "zsl", "ft")})
-        out["icl_vs_ft"][st] = ci
+        out["icl_vs_ft"][st] = {f"loss_{k}": mean_ci([r["loss"][k] for r in rows]) for k in ("icl", "zsl", "ft")}
     if multilayer:
         out["simam_delta_multilayer"] = {
             st: {k: [mean_ci(layer) for layer in zip(*[s["simam_delta_multilayer"][st][k] for s in per_seed])]
-                 for k in ("simam_delta", "simaou")}
+                 for k in ("simam_delta", "simaou", "simam_before", "simam_after", "simam_after_random_direction")}
             for st in first["simam_delta_multilayer"]}
     out["momentum_test_loss"] = {label: mean_ci([s["momentum_models"][label]["test_loss"] for s in per_seed])
                                  for label in first["momentum_models"]}
     out["momentum_final_train_loss"] = {
         label: mean_ci([s["momentum_models"][label]["final_train_loss"] for s in per_seed])
         for label in first["momentum_models"]}
+    return out
+
+
+#: Sections of the ICL-vs-FT metrics with headline numbers: (metrics key, words).
+HEADLINE_SECTIONS = (("icl_vs_ft", "trained LSA, query is a key (d_out = 1)"),
+                     ("icl_vs_ft_vector", "trained LSA, query is a key, vector outputs"))
+
+
+def _headline_ci(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per section and fine-tuning variant: metric -> comparator -> mean with a 95% interval over seeds, and for
+    each null (and the untrained control) the paired comparison FT - null over seeds (:func:`paired_test`)."""
+    out: dict[str, Any] = {}
+    for section, _ in HEADLINE_SECTIONS:
+        if section not in per_seed[0]:
+            continue
+        out[section] = {}
+        for st in per_seed[0][section]:
+            nums = [D.headline_numbers(s[section][st]) for s in per_seed]
+            if section == "icl_vs_ft" and "icl_vs_ft_untrained" in per_seed[0]:
+                for s, n in zip(per_seed, nums):
+                    un = D.headline_numbers(s["icl_vs_ft_untrained"][st])
+                    for metric, _ in D.HEADLINE_METRICS:
+                        n[metric]["untrained model (same protocol)"] = un[metric]["FT"]
+            cell: dict[str, Any] = {}
+            for metric in nums[0]:
+                cell[metric] = {}
+                for comp in nums[0][metric]:
+                    vals = [n[metric][comp] for n in nums]
+                    entry = mean_ci(vals)
+                    if metric in dict(D.HEADLINE_METRICS) and comp != "FT":
+                        entry["ft_minus"] = paired_test([n[metric]["FT"] for n in nums], vals)
+                    cell[metric][comp] = entry
+            out[section][st] = cell
     return out
 
 
