@@ -120,6 +120,18 @@ def test_report_re_renders_without_training(run_dir, monkeypatch):
     assert (run_dir / "training.png").exists()
 
 
+def test_an_interrupted_run_resumes_from_the_saved_evaluations(run_dir, metrics, monkeypatch):
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("a finished (depth, seed) evaluation must be read back, not recomputed")
+
+    monkeypatch.setattr(study_module.CA, "evaluate_model", no_evaluation)
+    config = get_study("causal").make_config(quick=True, overrides=TINY)
+    again = study_module.compute(config, protocol.Run(run_dir, progress=False))
+    assert json.loads(json.dumps(again["headline"])) == metrics["headline"]
+    assert again["comparisons"]["layer_causal_vs_standard"]["all"] == \
+        metrics["comparisons"]["layer_causal_vs_standard"]["all"]
+
+
 def test_seeds_are_combined_as_means_of_finite_values_and_sums_of_counts():
     a = {"loss": 1.0, "simaou": [float("nan"), 0.2], "diverged": 1, "key": "x"}
     b = {"loss": 3.0, "simaou": [float("nan"), 0.4], "diverged": 2, "key": "x"}

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -39,7 +39,8 @@ from iclgd_synth.intervals import combine_seeds, mean_ci
 from iclgd_synth.learners import tune_gd
 from iclgd_synth.model import ModelConfig
 from iclgd_synth.precision import float64
-from iclgd_synth.studies.protocol import Run, Study
+from iclgd_synth.storage import read_json, write_json
+from iclgd_synth.studies.protocol import Run, Study, load_arrays
 from iclgd_synth.tasks import TASK_PRESETS, sample
 from iclgd_synth.train import TrainConfig, init_state, train
 from iclgd_synth.validation import check_float, check_int
@@ -153,15 +154,19 @@ def compute(config: CausalConfig, run: Run) -> dict[str, Any]:
             row, row_u = {}, {}
             for k in config.depths:
                 _progress(run, f"evaluating K = {k}, seed {seed}")
-                e = CA.evaluate_model(results[k].seed_params(i), tune_batch, test, gd_eta[k],
-                                      ft_steps=config.ft_steps, lr_grid=config.lr_grid, key=seed)
+                e = _cached(run, f"{k}_seed{seed}", lambda k=k, i=i, seed=seed: CA.evaluate_model(
+                    results[k].seed_params(i), tune_batch, test, gd_eta[k], ft_steps=config.ft_steps,
+                    lr_grid=config.lr_grid, key=seed))
                 per_task[str(k)].append(e.pop("_per_task"))
                 row[str(k)] = e
                 if config.untrained_control:
-                    init, _, _ = init_state(config.train_for(k).replace(seeds=(seed,)))
-                    u = CA.evaluate_model(jax.tree.map(lambda a: a[0], init), tune_batch, test, gd_eta[k],
-                                          ft_steps=config.ft_steps, lr_grid=config.lr_grid, modes=("standard",),
-                                          key=seed)
+                    def untrained_eval(k=k, seed=seed):
+                        init, _, _ = init_state(config.train_for(k).replace(seeds=(seed,)))
+                        return CA.evaluate_model(jax.tree.map(lambda a: a[0], init), tune_batch, test, gd_eta[k],
+                                                 ft_steps=config.ft_steps, lr_grid=config.lr_grid,
+                                                 modes=("standard",), key=seed)
+
+                    u = _cached(run, f"{k}_seed{seed}_untrained", untrained_eval)
                     u.pop("_per_task")
                     row_u[str(k)] = u
             per_seed.append(row)
@@ -198,6 +203,22 @@ def compute(config: CausalConfig, run: Run) -> dict[str, Any]:
         headline[str(k)] = m
     return {"seeds": seeds, "n_seeds": len(seeds), "models": models, "hand_control": hand, "comparisons": cmp_,
             "headline": headline}
+
+
+def _cached(run: Run, name: str, evaluate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``evaluate()`` once per run directory: its result is kept as ``eval_<name>.json`` (the per-task arrays as
+    ``eval_<name>.npz``), so an interrupted run resumes after the last finished (depth, seed) evaluation."""
+    path = run.dir / f"eval_{name}.json"
+    if path.exists():
+        entry = read_json(path)
+        entry["_per_task"] = load_arrays(run.dir, f"eval_{name}")
+        return entry
+    entry = evaluate()
+    per_task = entry.pop("_per_task")
+    run.save_arrays(f"eval_{name}", **per_task)
+    write_json(path, entry)
+    entry["_per_task"] = per_task
+    return entry
 
 
 def _progress(run: Run, message: str) -> None:
