@@ -245,3 +245,35 @@ def test_hand_momentum_losses_plain_layer_is_gd_and_retuned_eta_is_no_worse(x64)
     assert losses[f"hand GD + momentum (values, beta {beta}), same eta"] != pytest.approx(losses["hand GD (1 step)"])
     with pytest.raises(ValueError, match="beta"):
         D.hand_momentum_losses(eta, 1.5, batch, batch)
+
+
+def test_ft_influence_per_channel_is_the_first_order_change_of_each_output(x64):
+    params = _random_model(4, dim=2, out_dim=2, include_query=True)
+    batch = ic.sample_tasks(jax.random.PRNGKey(6), 2, 3, 2, x_dist="normal", out_dim=2)
+    zs = F.zero_shot_copy(params, 2)
+    infl = np.asarray(D.ft_influence_channels(zs, batch))
+    chex.assert_shape(infl, (2, 3, 2))
+    eps = 1e-6
+    base, _ = F.shared_query_pass(zs, batch)
+    for i in range(3):
+        one = dataclasses.replace(batch, x=batch.x[:, i:i + 1], y=batch.y[:, i:i + 1])
+        toks, _ = F.per_task_query_pass(F.finetune(zs, one, eps, param_set="attention", steps=1), batch)
+        change = (-np.asarray(toks[-1][:, 2:]) + np.asarray(base[-1][:, 2:])) / eps
+        np.testing.assert_allclose(change, infl[:, i], rtol=1e-4, atol=1e-9)
+    assert np.abs(infl).max() > 1e-6
+
+
+def test_icl_vs_ft_with_vector_outputs_and_learner_nulls(x64):
+    params = _random_model(5, dim=3, out_dim=2, include_query=True)
+    batch = ic.sample_tasks(jax.random.PRNGKey(7), 32, 5, 3, x_dist="normal", out_dim=2)
+    learners = {"ridge": ic.Ridge(lam=0.1), "exact": ic.LeastSquares()}
+    r = D.icl_vs_ft(params, batch, 0.05, 1, jax.random.PRNGKey(0), protocol="sequential", learners=learners)
+    assert set(r["nulls"]) == {*D.SIMAOU_NULLS, *D.KENDALL_NULLS, "ridge", "exact"}
+    assert {"simaou", "simaou_unnormalised", "kendall_abs", "kendall_signed", "rec2ftp"} <= set(r["nulls"]["ridge"])
+    assert r["simaou"]["n"] == 32 and np.isfinite(r["kendall_signed"]["mean"])
+    # The oracle and a learner whose prediction is exact (noiseless, N >= d) give the same update, so the same SimAOU.
+    assert r["nulls"]["exact"]["simaou"]["mean"] == pytest.approx(r["nulls"]["oracle (y_q)"]["simaou"]["mean"],
+                                                                   abs=1e-8)
+    assert r["nulls"]["ridge"]["simaou"]["mean"] != pytest.approx(r["nulls"]["exact"]["simaou"]["mean"], abs=1e-6)
+    h = D.headline_numbers(r)
+    assert set(h["rec2ftp"]) >= {"FT", "selection-corrected expected", "ICL improves (all tasks)", "ridge"}
