@@ -150,6 +150,17 @@ def test_two_seeds_give_intervals_and_per_seed_values(metrics):
     assert metrics["icl_vs_ft_vector"]["out_dim"] == 2
 
 
+def test_each_seed_evaluation_is_kept_for_resuming_and_feeds_the_headline(run_dir, metrics):
+    from iclgd_synth.critiques.dual import headline_numbers
+
+    for i, seed in enumerate(metrics["seeds"]):
+        entry = json.loads((run_dir / f"eval_seed{seed}.json").read_text())
+        h = headline_numbers(entry["icl_vs_ft"]["seq1"])
+        assert metrics["headline"]["icl_vs_ft"]["seq1"]["kendall_abs"]["FT"]["values"][i] == h["kendall_abs"]["FT"]
+        un = headline_numbers(entry["icl_vs_ft_untrained"]["1"])["simaou"]["FT"]
+        assert metrics["headline"]["icl_vs_ft"]["1"]["simaou"]["untrained model (same protocol)"]["values"][i] == un
+
+
 def test_report_re_renders_from_metrics_and_arrays_without_training(run_dir):
     before = (run_dir / "report.md").read_text()
     for name in ("report.md", "dual_form.png", "momentum_training.png", "simaou.png"):

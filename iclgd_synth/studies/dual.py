@@ -7,8 +7,12 @@ tested on in-context linear regression:
    update (the dual form, :mod:`iclgd_synth.dual_form`): checked on every trained model (reconstruction of each
    layer's query update) and, for the hand-constructed GD layer, against eta * grad L(W0); exported to
    ``dual_form.npz``;
-2. ICL behaves like fine-tuning (SimAOU, SimAM_delta, Kendall, Rec2FTP; :mod:`iclgd_synth.critiques.dual`), on a
-   trained 1-layer LSA whose query is a key, a K-layer one for SimAM_delta, and the hand layer as a known answer;
+2. ICL behaves like fine-tuning (SimAOU, SimAM before/after and SimAM_delta, Kendall, Rec2FTP;
+   :mod:`iclgd_synth.critiques.dual`), on a trained 1-layer LSA whose query is a key (and one with d_out > 1 outputs),
+   a K-layer one for the attention maps, and the hand layer as a known answer; fine-tuning full-batch and in the
+   paper's sequential protocol; every metric beside its nulls (random direction, another task's FT and ICL, the
+   oracle, ridge and a GD step, shuffled influences, the selection-corrected Rec2FTP) and the same protocol on the
+   untrained model (this seed's initialisation);
 3. momentum attention is the analogue of GD with momentum: the exact relations of
    :mod:`iclgd_synth.critiques.momentum` in float64, and vanilla against momentum attention trained alike.
 
@@ -16,7 +20,10 @@ Every model is trained with ``train`` (its ``model`` changed per model) for ever
 and evaluated per seed in float64. Per-seed numbers are combined leaf by leaf: floats are means over seeds (the
 reconstruction errors and the momentum relations' errors are maxima, their distance to plain GD a minimum), integer
 counts are summed over seeds; headline numbers also get a mean with a 95% interval under ``ci``. With one seed every
-number is that seed's value. The exported dual forms are those of the first seed's models.
+number is that seed's value. The exported dual forms are those of the first seed's models. ``headline`` holds, per
+fine-tuning variant, every metric against every null as a mean with a 95% interval over seeds and the paired test of
+FT minus the null over seeds. Each seed's evaluation is kept as ``eval_seed<s>.json``: an interrupted run resumes
+after the last evaluated seed (training resumes from its checkpoints).
 
 Science only: :func:`compute` returns the metrics and saves the arrays the figures need; the report and figures are
 rendered by :mod:`iclgd_synth.reports.dual`.
@@ -38,17 +45,15 @@ from iclgd_synth.dual_form import dual_form, export_dual_forms, reconstruction_e
 from iclgd_synth.intervals import combine_seeds, mean_ci, paired_test
 from iclgd_synth.learners import tune_gd
 from iclgd_synth.metrics import loss as model_loss
-from iclgd_synth.model import ModelConfig, TransformerParams, init_params
+from iclgd_synth.model import ModelConfig, TransformerParams
 from iclgd_synth.precision import float64, to_float64
-from iclgd_synth.storage import to_json
+from iclgd_synth.storage import read_json, to_json, write_json
 from iclgd_synth.studies.protocol import Run, Study
 from iclgd_synth.tasks import TASK_PRESETS, TaskBatch, sample
-from iclgd_synth.train import TrainConfig, train
+from iclgd_synth.train import TrainConfig, init_state, train
 from iclgd_synth.validation import check_float, check_int
 
 TUNE_SEED, EVAL_SEED = 6_000_011, 7_000_003
-#: Key offset of the untrained control's initialisation (seed s: PRNGKey(UNTRAINED_SEED + s)).
-UNTRAINED_SEED = 8_000_009
 #: The 1-layer model of the ICL-vs-FT metrics (the query is a key, so the zero-shot copy has one).
 IQ_LABEL = "LSA, query is a key (for ICL vs FT)"
 
@@ -231,16 +236,23 @@ def compute(config: DualConfig, run: Run) -> dict[str, Any]:
         hand_ft = D.icl_vs_ft(hand, test, eta, 1, jax.random.PRNGKey(0), param_set="adapters")
         hand_losses, dual_weights = D.hand_momentum_losses(eta, config.beta, tune_batch, test)
         per_seed = []
-        untrained_cfg = config.models()[IQ_LABEL]
+        iq_train = config.train.replace(model=config.models()[IQ_LABEL])
         for i, seed in enumerate(seeds):
+            path = run.dir / f"eval_seed{seed}.json"
+            if path.exists():  # an interrupted run resumes after the last evaluated seed
+                per_seed.append(read_json(path))
+                continue
             if run.progress:
                 print(f"dual: evaluating seed {seed} ({i + 1} of {len(seeds)})", file=sys.stderr, flush=True)
             params = {label: to_float64(r.seed_params(i)) for label, r in results.items()}
             losses = {label: np.asarray(r.losses[i]) for label, r in results.items()}
-            untrained = (to_float64(init_params(jax.random.PRNGKey(UNTRAINED_SEED + seed), untrained_cfg))
+            # The untrained control: the query-as-key LSA as this seed's training started from it.
+            untrained = (to_float64(jax.tree.map(lambda a: a[0], init_state(iq_train.replace(seeds=(seed,)))[0]))
                          if config.untrained_control else None)
-            per_seed.append(_evaluate_seed(params, losses, tune_batch, test, config, learners, ml_label, vec_label,
-                                           vec, untrained))
+            entry = json.loads(to_json(_evaluate_seed(params, losses, tune_batch, test, config, learners, ml_label,
+                                                      vec_label, vec, untrained)))
+            write_json(path, entry)
+            per_seed.append(entry)
         equivalence = [D.momentum_equivalence_errors(s, config.equivalence_trials) for s in seeds]
         first = {label: to_float64(r.seed_params(0)) for label, r in results.items()}
         # One archive of scalar-output tasks: the vector-output model (other token width) is left out of it.
