@@ -111,7 +111,8 @@ def layers_text(layers: list[int], k: int) -> str:
 
 
 def _counts_text(c: Mapping[str, int]) -> str:
-    return (f"{c['wins']} significant wins, {c['losses']} significant losses, {c['within_noise']} within noise"
+    return (f"{c['wins']} significant win{'s' * (c['wins'] != 1)}, {c['losses']} significant "
+            f"loss{'es' * (c['losses'] != 1)}, {c['within_noise']} within noise"
             + (f", {c['undefined']} undefined" if c["undefined"] else "") + f" (of {c['cells']} cells)")
 
 

@@ -49,7 +49,7 @@ TUNE_SEED, EVAL_SEED = 8_000_009, 9_000_011
 
 
 def _default_lr_grid() -> tuple[float, ...]:
-    return tuple(float(v) for v in np.logspace(-2, 3, 11))
+    return tuple(float(v) for v in np.logspace(-1, 3, 9))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,7 @@ class CausalConfig:
         seed's untrained initialisation, the control of "In-context Learning and Gradient Descent Revisited".
         Default True.
       ft_steps: numbers of fine-tuning GD steps (steps). Default (1, 10).
-      lr_grid: candidate fine-tuning step sizes (log-spaced). Default 10^(-2 .. 3), 11 values.
+      lr_grid: candidate fine-tuning step sizes (log-spaced). Default 10^(-1 .. 3), 9 values.
     """
 
     train: TrainConfig = TrainConfig(
