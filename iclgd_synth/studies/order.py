@@ -16,6 +16,13 @@ construction), causal LSAs of 2+ layers and a causal softmax model (a 1-layer ca
 query sees every key); the hand-constructed GD weights run with a causal mask
 (:func:`iclgd_synth.constructions.causal_hand_params`), their step size tuned for the causal model itself.
 
+Headline (``headline``, per order-sensitive causal model): its order correlation with one-pass SGD beside two nulls,
+SGD's order effects re-paired at random within each task and an order-sensitive learner with another update rule
+(Adam), and its correlation with SGD's closed-form second-order order term Q
+(:func:`iclgd_synth.critiques.order.sgd_order_term`), which is the whole order dependence of the 2-layer causal hand
+model (checked on the test tasks: ``closed_form``). The invariance checks (``checks``) and the closed-form check hold
+by construction: they test the code, not ICL.
+
 Every trained model is trained for every seed of ``train.seeds`` (vmapped) and evaluated per seed: its numbers are
 means over seeds with a 95% interval (``ci``). The explicit learners and the hand constructions do not depend on the
 training seed (their tuning and test tasks are drawn from fixed keys), so they are evaluated once. Everything is
