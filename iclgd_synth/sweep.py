@@ -496,13 +496,15 @@ def _checkpoint_meta(runs: Sequence[SweepRun]) -> str:
 
 
 def train_group(runs: Sequence[SweepRun], *, mesh=None, eval_tasks: int = DEFAULT_EVAL_TASKS,
-                checkpoint: Path | None = None, stop_after: int | None = None, on_chunk=None) -> GroupResult | None:
+                checkpoint: Path | None = None, stop_after: int | None = None, on_chunk=None,
+                on_params=None) -> GroupResult | None:
     """Train the runs of one group (:func:`group_runs`) as one program sharded over ``mesh`` and evaluate them.
 
     ``checkpoint``: a file for the group's state (written by process 0 every ``checkpoint_every`` steps of the first
     run's config and on Ctrl-C; restored if present and written for the same runs). ``stop_after``: return None
     after that many steps (rounded up to a chunk; a checkpoint is written), as an interruption would.
-    ``on_chunk(step)`` is called after every chunk.
+    ``on_chunk(step)`` is called after every chunk, then ``on_params(step, params_R)`` with the parameters of every
+    row (the run axis R first, padding rows after the group's runs), e.g. to evaluate over training.
     """
     import jax
 
@@ -565,6 +567,8 @@ def train_group(runs: Sequence[SweepRun], *, mesh=None, eval_tasks: int = DEFAUL
             chunk_ends.append(start)
             if on_chunk is not None:
                 on_chunk(start)
+            if on_params is not None:
+                on_params(start, params)
             if start - last_ckpt >= first.checkpoint_every and start < n_steps:
                 save()
                 last_ckpt = start

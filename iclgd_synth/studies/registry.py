@@ -32,6 +32,8 @@ STUDIES: dict[str, tuple[str, str, str]] = {
                        "the emergent study at the GPT-style testbeds' size (d = 20, N = 40, 12 layers): accelerators"),
     "preconditioned": ("iclgd_synth.studies.preconditioned", "PRECONDITIONED",
                        "trained 1-layer LSAs on anisotropic inputs against the exact optimal preconditioner G*"),
+    "transience": ("iclgd_synth.studies.transience", "TRANSIENCE",
+                   "transient ICL on finite task pools: distances to ridge and dMMSE over training, M x weight decay"),
 }
 
 
