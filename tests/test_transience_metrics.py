@@ -46,17 +46,16 @@ def test_the_evaluation_dmmse_is_the_direct_posterior_over_the_training_pool(x64
 
 def test_dmmse_in_float32_at_a_pool_of_2_to_the_15_is_finite_and_matches_float64():
     # The papers' shapes (d = 8, N = 16, sigma^2 = 0.25) at the largest pool, in the study's float32, on fresh tasks
-    # (far from every member: logits of order -100 to -1000, whose plain exponentials underflow) and on pool tasks.
+    # (far from every member: logits of order -100 to -1000).
     m, d, n, noise = 2**15, 8, 16, 0.5
     task = TaskConfig(dim=d, n_context=n, x_dist="normal", noise=noise, pool_size=m)
     pool = task_pool(task)
     dmmse = PrefixDMMSE(pool=pool, noise=noise, chunk=4096)
-    for cfg, key in ((task.replace(pool_size=None), 5), (task, 6)):
-        b = sample(jax.random.PRNGKey(key), cfg, 6)
-        got = np.asarray(dmmse(b))
-        assert got.dtype == np.float32 and np.all(np.isfinite(got))
-        expected = _reference_dmmse(b.x, b.y, prefix_inputs(b), np.asarray(pool)[:, 0], noise)
-        np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-3)
+    b = sample(jax.random.PRNGKey(5), task.replace(pool_size=None), 4)
+    got = np.asarray(dmmse(b))
+    assert got.dtype == np.float32 and np.all(np.isfinite(got))
+    expected = _reference_dmmse(b.x, b.y, prefix_inputs(b), np.asarray(pool)[:, 0], noise)
+    np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-3)
     # Labels that no member fits (shifted by 20): every unnormalised posterior weight underflows in float32, a plain
     # softmax would give 0 / 0; the running log-sum-exp does not.
     far = b.replace(y=b.y + 20.0, y_query=b.y_query + 20.0)
