@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from iclgd_synth import rng
 from iclgd_synth.learners.prefix import per_position_half_mse, prefix_targets
 from iclgd_synth.model import layer_norm
 from iclgd_synth.shapes import Array, PRNGKey
@@ -193,7 +194,8 @@ def _init_gpt(key: PRNGKey, config: GPTConfig) -> GPTParams:
     if config.positions:
         normals.append(("pos", (config.n_tokens, m), std))
     sizes = [math.prod(shape) for _, shape, _ in normals]
-    flat = jax.random.normal(key, (sum(sizes),), dtype)
+    with rng.fixed_mode():  # one fixed threefry mode for every draw (iclgd_synth.rng)
+        flat = jax.random.normal(key, (sum(sizes),), dtype)
     offsets = np.cumsum([0] + sizes)
     drawn = {name: s * flat[a:b].reshape(shape) for (name, shape, s), a, b in zip(normals, offsets, offsets[1:])}
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iclgd_synth import attention as attn
+from iclgd_synth import rng
 from iclgd_synth.shapes import Array, PRNGKey
 from iclgd_synth.tasks import TaskBatch, check_dtype, validate_batch
 from iclgd_synth.tokens import LAYOUTS, build_tokens, n_context_tokens, read_out
@@ -188,11 +189,12 @@ def init_params(key: PRNGKey, config: ModelConfig, dtype: Any = None) -> Transfo
 
     def normal(k, shape, fan_in, s=scale):
         std = jnp.sqrt(s / fan_in) / 0.87962566  # truncated-normal correction, as in variance-scaling inits
-        return std * jax.random.truncated_normal(k, -2.0, 2.0, shape, dtype)
+        with rng.fixed_mode():
+            return std * jax.random.truncated_normal(k, -2.0, 2.0, shape, dtype)
 
     layers = []
-    for k in jax.random.split(key, n_distinct):
-        kk = jax.random.split(k, 6)
+    for layer_index in range(n_distinct):  # keys by fold_in of (layer, tensor): see iclgd_synth.rng
+        kk = [rng.derive(key, layer_index, j) for j in range(6)]
         layer = {"w_q": normal(kk[0], (h, kq, dd), dd), "w_k": normal(kk[1], (h, kq, dd), dd),
                  "w_v": normal(kk[2], (h, kv, dd), dd), "w_p": normal(kk[3], (h, dd, kv), kv)}
         if config.layer_norm:

@@ -377,11 +377,14 @@ def _sharded_chunk(key, n: int, mesh):
     (params_R, opt_R, data_keys_R, start) -> (params_R, opt_R, losses_Rxn)."""
     import jax
 
-    from iclgd_synth.train import make_chunk
+    from iclgd_synth.train import make_chunk, step_loop, uses_step_loop, vmapped_step
 
     rows = _row_sharding(mesh)
-    chunk = make_chunk(key, group_optimizer(key, 1.0, 0.0), n)  # lr / weight decay are read from the state
-    return jax.jit(chunk, in_shardings=(rows, rows, rows, _replicated(mesh)), out_shardings=(rows, rows, rows))
+    shardings = dict(in_shardings=(rows, rows, rows, _replicated(mesh)), out_shardings=(rows, rows, rows))
+    optimizer = group_optimizer(key, 1.0, 0.0)  # lr / weight decay are read from the state
+    if uses_step_loop():  # on CPU, as train does (iclgd_synth.train.step_loop says why)
+        return step_loop(jax.jit(vmapped_step(key, optimizer), **shardings), n)
+    return jax.jit(make_chunk(key, optimizer, n), **shardings)
 
 
 @functools.lru_cache(maxsize=32)

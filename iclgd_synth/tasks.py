@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from iclgd_synth import rng
 from iclgd_synth.shapes import Array, PRNGKey
 from iclgd_synth.validation import (check_choice, check_float, check_int, check_key, check_memory, check_shape,
                                     format_bytes, is_concrete)
@@ -321,24 +322,37 @@ def sample(key: PRNGKey, config: TaskConfig, batch_size: int, dtype: Any = None)
 @functools.partial(jax.jit, static_argnames=("config", "batch_size", "dtype"))
 def _sample(key: PRNGKey, config: TaskConfig, values: dict, batch_size: int, dtype: Any = None) -> TaskBatch:
     dtype = dtype if dtype is not None else jnp.zeros(()).dtype
-    b, n, d, o = batch_size, config.n_context, config.dim, config.out_dim
-    k_x, k_w, k_noise, k_corrupt = jax.random.split(key, 4)
-    # One flat draw reshaped is markedly faster on CPU than drawing shaped arrays.
-    x_all = _draw_inputs(k_x, config, values["x_range"], b * (n + 1) * d, dtype).reshape(b, n + 1, d)
-    x_all = x_all * values["x_scale"]
-    w = _draw_weights(k_w, config, values["w_scale"], b, dtype)  # (B, O, d)
-    y_all = jnp.einsum("bod,bnd->bno", w, x_all)
-    if config.noise > 0:
-        y_all = y_all + values["noise"] * jax.random.normal(k_noise, y_all.shape, dtype)
-    if config.label_corruption > 0:
-        k_sel, k_w2 = jax.random.split(k_corrupt)
-        w_other = values["w_scale"] * jax.random.normal(k_w2, (b, o, d), dtype)
-        y_other = jnp.einsum("bod,bnd->bno", w_other, x_all[:, :n])
-        replace = jax.random.bernoulli(k_sel, values["label_corruption"], (b, n, 1))
-        y_all = y_all.at[:, :n].set(jnp.where(replace, y_other, y_all[:, :n]))
+    n, o = config.n_context, config.out_dim
+    with rng.fixed_mode():
+        pool = None if config.pool_size is None else task_pool(config, dtype, values["w_scale"])
+        # Task i from fold_in(key, i) alone: the same task whatever the batch size or device (see iclgd_synth.rng).
+        x_all, y_all, w = jax.vmap(lambda k: _draw_task(k, config, values, pool, dtype))(
+            rng.index_keys(key, batch_size))
     if o == 1:
         y_all, w = y_all[..., 0], w[:, 0]
     return TaskBatch(x=x_all[:, :n], y=y_all[:, :n], x_query=x_all[:, n], y_query=y_all[:, n], w=w)
+
+
+def _draw_task(key: PRNGKey, config: TaskConfig, values: dict, pool: Array | None, dtype) -> tuple[Array, ...]:
+    """One task: inputs (N+1, d), labels (N+1, O) and weights (O, d), each part from its own ``fold_in`` key."""
+    n, d, o = config.n_context, config.dim, config.out_dim
+    # One flat draw reshaped is faster on CPU than drawing a shaped array.
+    x = _draw_inputs(rng.derive(key, rng.INPUTS), config, values["x_range"], (n + 1) * d, dtype).reshape(n + 1, d)
+    x = x * values["x_scale"]
+    k_w = rng.derive(key, rng.WEIGHTS)
+    if pool is None:
+        w = values["w_scale"] * jax.random.normal(k_w, (o * d,), dtype).reshape(o, d)
+    else:
+        w = pool[jax.random.randint(k_w, (), 0, config.pool_size)]
+    y = x @ w.T
+    if config.noise > 0:
+        y = y + values["noise"] * jax.random.normal(rng.derive(key, rng.NOISE), ((n + 1) * o,), dtype).reshape(n + 1, o)
+    if config.label_corruption > 0:
+        w_other = values["w_scale"] * jax.random.normal(rng.derive(key, rng.CORRUPTION_WEIGHTS), (o * d,),
+                                                        dtype).reshape(o, d)
+        replace = jax.random.bernoulli(rng.derive(key, rng.CORRUPTION), values["label_corruption"], (n, 1))
+        y = y.at[:n].set(jnp.where(replace, x[:n] @ w_other.T, y[:n]))
+    return x, y, w
 
 
 def _itemsize(dtype: Any) -> int:
@@ -382,10 +396,11 @@ def task_pool(config: TaskConfig, dtype: Any = None, w_scale: Any = None) -> Arr
         raise ValueError("task_pool needs a config with pool_size set (an integer >= 1)")
     dtype = jnp.zeros(()).dtype if dtype is None else check_dtype(dtype)
     _check_pool_memory(config, dtype)
-    key = jax.random.PRNGKey(config.pool_seed)
-    keys = jax.vmap(lambda m: jax.random.fold_in(key, m))(jnp.arange(config.pool_size, dtype=jnp.uint32))
-    w = jax.vmap(lambda k: jax.random.normal(k, (config.out_dim, config.dim), dtype))(keys)
-    return (config.w_scale if w_scale is None else w_scale) * w
+    keys = rng.index_keys(rng.seed_key(config.pool_seed), config.pool_size)
+    shape = (config.out_dim * config.dim,)
+    with rng.fixed_mode():
+        w = jax.vmap(lambda k: jax.random.normal(k, shape, dtype))(keys)
+    return (config.w_scale if w_scale is None else w_scale) * w.reshape(-1, config.out_dim, config.dim)
 
 
 def _coordinate_variance(config: TaskConfig) -> float | None:
@@ -445,9 +460,3 @@ def _draw_inputs(key: PRNGKey, config: TaskConfig, x_range: Any, size: int, dtyp
     return (z @ _anisotropic_factor(config, dtype).T).reshape(-1)
 
 
-def _draw_weights(key: PRNGKey, config: TaskConfig, w_scale: Any, batch_size: int, dtype) -> Array:
-    shape = (batch_size, config.out_dim, config.dim)
-    if config.pool_size is None:
-        return w_scale * jax.random.normal(key, shape, dtype)
-    pool = task_pool(config, dtype, w_scale)
-    return pool[jax.random.randint(key, (batch_size,), 0, config.pool_size)]

@@ -189,12 +189,21 @@ def test_the_trainer_trains_the_gpt_style_model_on_every_position(tmp_path):
     objective = "next_token"  # the ICL objective shares the code path but the loss (tested in test_gpt.py)
     from iclgd_synth.gpt import GPTConfig, GPTParams
 
-    cfg = TrainConfig(task=TaskConfig(dim=3, n_context=4, x_dist="normal"), objective=objective, lr=3e-3,
-                      model=GPTConfig(dim=3, n_context=4, d_model=16, n_layers=1, n_heads=2), batch_size=64,
-                      n_steps=40, chunk_steps=20, checkpoint_every=20)
+    # One task in the pool: learnable in weights within a few dozen steps, so a working trainer must show it.
+    cfg = TrainConfig(task=TaskConfig(dim=3, n_context=4, x_dist="normal", pool_size=1), objective=objective,
+                      lr=1e-2, model=GPTConfig(dim=3, n_context=4, d_model=16, n_layers=1, n_heads=2), batch_size=64,
+                      n_steps=60, chunk_steps=30, checkpoint_every=30)
     result = train(cfg, tmp_path, progress=False)
     assert isinstance(result.seed_params(0), GPTParams) and np.all(np.isfinite(result.losses))
-    assert result.losses[0, -10:].mean() < result.losses[0, :10].mean()
+    # Judged on 4096 held-out draws, not on the noisy 64-task training losses (measured: 0.138 -> 0.00018).
+    from iclgd_synth.gpt import gpt_loss
+    from iclgd_synth.tasks import sample
+    from iclgd_synth.train import init_state
+
+    held_out = sample(jax.random.PRNGKey(7), cfg.task, 4096)
+    initial = jax.tree.map(lambda a: a[0], init_state(cfg)[0])
+    before, after = float(gpt_loss(initial, held_out)), float(gpt_loss(result.seed_params(0), held_out))
+    assert after < 0.1 * before, (before, after)
     again = train(cfg, tmp_path, progress=False)  # resumes from the finished checkpoint: same parameters
     chex.assert_trees_all_equal(again.params, result.params)
 
