@@ -112,7 +112,7 @@ def _report(config, metrics: dict[str, Any], figures: dict[str, tuple[str, str]]
               "(w_zsl + delta_w_icl) @ query + bias = query_update can be checked from the file:", "",
               table(["model", "key", "layers", "max relative error of the reconstruction"],
                     [[label, v["key"], v["layers"], v["max_relative_error"]] for label, v in ex["models"].items()])]
-    lines += _icl_vs_ft_section(metrics)
+    lines += _icl_vs_ft_section(metrics, config)
     lines += _momentum_section(config, metrics)
     lines += _ci_section(metrics, n_seeds)
     lines += ["## Figures", ""]
@@ -153,7 +153,14 @@ def _verdicts(cell: dict[str, Any]) -> list[str]:
     return out
 
 
-def _icl_vs_ft_section(metrics: dict[str, Any]) -> list[str]:
+def _lr_text(lr: float, config) -> str:
+    """The tuned fine-tuning step size, flagged when it is the largest of the grid (the optimum may lie beyond)."""
+    grid = config.lr_grid() if hasattr(config, "lr_grid") else None
+    edge = grid is not None and np.isclose(lr, float(np.max(grid)))
+    return f"FT lr {fmt(lr)}" + (" (the largest of the tuning grid)" if edge else "")
+
+
+def _icl_vs_ft_section(metrics: dict[str, Any], config=None) -> list[str]:
     ft = metrics["icl_vs_ft"]
     n_seeds = metrics.get("n_seeds", 1)
     head = metrics.get("headline", {})
@@ -187,7 +194,7 @@ def _icl_vs_ft_section(metrics: dict[str, Any]) -> list[str]:
         r = ft["by_steps"][st]
         un = metrics.get("icl_vs_ft_untrained", {}).get("by_steps", {}).get(st)
         lines += [f"### {variant_label(st)}", "",
-                  f"FT lr {fmt(r['lr'])}; query loss zero-shot {fmt(r['loss']['zsl'])}, FT {fmt(r['loss']['ft'])}"
+                  f"{_lr_text(r['lr'], config)}; query loss zero-shot {fmt(r['loss']['zsl'])}, FT {fmt(r['loss']['ft'])}"
                   + (f" ({r['n_diverged']['ft']} tasks diverged, left out)" if r["n_diverged"]["ft"] else "")
                   + f", ICL {fmt(r['loss']['icl'])}" + (f"; untrained model: ICL {fmt(un['loss']['icl'])}, FT "
                                                          f"{fmt(un['loss']['ft'])}" if un else "") + ".", "",
@@ -263,8 +270,8 @@ def _icl_vs_ft_section(metrics: dict[str, Any]) -> list[str]:
               "x_q), so almost any learner improves on it: Rec2FTP must be read against the selection-corrected "
               "rate and the unrelated improvers, not against ICL's unconditional rate.",
               "- With normalised outputs, a null whose change is large against the zero-shot output shares the "
-              "-h^_ZSL component with ICL's change, which lifts its SimAOU above 0 (the random direction and the "
-              "untrained model are not at 0 for that reason); the nulls are measured, not assumed to be 0.", ""]
+              "-h^_ZSL component with ICL's change, which can lift its SimAOU above 0; the nulls are measured, not "
+              "assumed to be 0.", ""]
     return lines
 
 
