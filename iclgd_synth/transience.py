@@ -18,9 +18,10 @@ per-position losses and distances on both in one compiled call.
 
 :func:`summarize_curve` reads one run's curves over training (fresh-task loss, distances to ridge and dMMSE on fresh
 tasks) into the study's quantities: t* (the evaluation step of the lowest fresh-task loss), the ridge-ness
-r = d_dMMSE / (d_ridge + d_dMMSE) (1 at ridge, 0 at dMMSE, 1/2 equidistant) at its peak and at the end, whether
-ICL emerged and whether it faded (the thresholds are this package's definitions, stated in :class:`CurveThresholds`,
-not the papers'). :func:`fit_power_law` fits t* = a M^b by least squares in log-log.
+r = d_dMMSE / (d_ridge + d_dMMSE) (1 at ridge, 0 at dMMSE, 1/2 equidistant; smoothed over a few evaluations) at its
+peak and at the end, whether ICL emerged and whether it faded (the thresholds are this package's definitions,
+stated in :class:`CurveThresholds`, not the papers'). :func:`fit_power_law` fits t* = a M^b by least squares in
+log-log.
 """
 
 from __future__ import annotations
@@ -150,28 +151,47 @@ def _evaluate_fn(forward):
 class CurveThresholds:
     """How a run's curves are read (this package's definitions; the papers show the curves without thresholds).
 
-    With r(t) = d_dMMSE / (d_ridge + d_dMMSE) on fresh tasks (position-averaged distances):
+    With r(t) = d_dMMSE / (d_ridge + d_dMMSE) on fresh tasks (position-averaged distances), smoothed by a centred
+    moving average over ``smooth`` evaluations (so that one noisy evaluation neither makes nor hides a peak):
 
     Attributes:
-      emerged: ICL counts as emerged when the peak of r reaches this value (d_ridge <= d_dMMSE / 2 at 2/3) and the
-        model was then at most ``zero_ratio`` times as far from ridge as the zero predictor is. Default 2/3.
+      emerged: ICL counts as emerged when the smoothed r peaks at this value or more (closer to ridge than to dMMSE)
+        while the model is at most ``zero_ratio`` times as far from ridge as the zero predictor is; in [0.5, 1].
+        Default 0.55.
       zero_ratio: see ``emerged``; in (0, 1]. Default 0.5.
-      faded: a run whose ICL emerged is transient when r fell by at least this much from its peak by the end.
-        Default 0.15.
-      side: the final state is "ridge" when the final r >= 1/2 + side, "dMMSE" when <= 1/2 - side, else "between".
-        Default 0.1.
+      faded: a run whose ICL emerged is transient when the smoothed r fell by at least this much from its peak to the
+        end of training; in (0, 1]. Default 0.05.
+      side: the final state is "ridge" when the final smoothed r >= 1/2 + side, "dMMSE" when <= 1/2 - side, else
+        "between"; in [0, 0.5]. Default 0.05.
+      smooth: evaluations in the moving average (odd, >= 1; 1 = none). Default 3.
     """
 
-    emerged: float = 2.0 / 3.0
+    emerged: float = 0.55
     zero_ratio: float = 0.5
-    faded: float = 0.15
-    side: float = 0.1
+    faded: float = 0.05
+    side: float = 0.05
+    smooth: int = 3
 
     def __post_init__(self):
         check_float("emerged", self.emerged, min_value=0.5, max_value=1.0)
         check_float("zero_ratio", self.zero_ratio, min_value=0.0, max_value=1.0, strict_min=True)
         check_float("faded", self.faded, min_value=0.0, max_value=1.0, strict_min=True)
         check_float("side", self.side, min_value=0.0, max_value=0.5)
+        if check_int("smooth", self.smooth, min_value=1) % 2 == 0:
+            raise ValueError(f"smooth must be an odd integer >= 1 (a centred window), got {self.smooth}")
+
+
+def smoothed(values: Any, window: int) -> np.ndarray:
+    """Centred moving average over ``window`` (odd) points, the window shrinking symmetrically near the ends (the
+    first point is kept), except the last point: the mean of the last ``window`` points (the state at the end of
+    training, averaged over the final evaluations)."""
+    v = np.asarray(values, np.float64)
+    h = window // 2
+    out = np.array([v[max(0, i - min(h, i, len(v) - 1 - i)):i + min(h, i, len(v) - 1 - i) + 1].mean()
+                    for i in range(len(v))])
+    if len(v):
+        out[-1] = v[-min(window, len(v)):].mean()
+    return out
 
 
 def ridgeness(d_ridge: Any, d_dmmse: Any) -> np.ndarray:
@@ -200,7 +220,7 @@ def summarize_curve(steps: Sequence[int], loss_fresh: Sequence[float], d_ridge: 
                 "peak_step": nan, "peak_d_ridge": nan, "final_ridgeness": nan, "final_d_ridge": nan,
                 "final_d_dmmse": nan, "final_state": "diverged", "emerged": False, "transient": False}
     r = ridgeness(dr, dd)
-    r = np.where(np.isfinite(r), r, 0.5)
+    r = smoothed(np.where(np.isfinite(r), r, 0.5), thresholds.smooth)
     i_loss = int(np.argmin(loss))
     i_peak = int(np.argmax(r))
     emerged = bool(r[i_peak] >= thresholds.emerged and dr[i_peak] <= thresholds.zero_ratio * zero_ridge)

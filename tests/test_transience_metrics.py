@@ -107,10 +107,25 @@ def _curves(d_ridge, d_dmmse, loss=None):
 
 def test_a_curve_that_approaches_ridge_then_drifts_to_dmmse_is_transient():
     steps, loss, dr, dd = _curves([0.6, 0.2, 0.05, 0.1, 0.3, 0.4], [0.5, 0.4, 0.35, 0.2, 0.08, 0.05])
-    s = summarize_curve(steps, loss, dr, dd, zero_ridge=0.6)
+    s = summarize_curve(steps, loss, dr, dd, zero_ridge=0.6, thresholds=CurveThresholds(smooth=1))
     assert s["emerged"] and s["transient"] and s["final_state"] == "dMMSE"
     assert s["t_star"] == 200 and s["interior_minimum"] and s["peak_step"] == 200
     assert s["peak_ridgeness"] == pytest.approx(0.35 / 0.40) and s["final_ridgeness"] == pytest.approx(0.05 / 0.45)
+    # Smoothed over 3 evaluations (the default): the peak is the mean of r at steps 100-300, the end the mean of the
+    # last three.
+    r = ridgeness(dr, dd)
+    s = summarize_curve(steps, loss, dr, dd, zero_ridge=0.6)
+    assert s["peak_ridgeness"] == pytest.approx(r[1:4].mean()) and s["final_ridgeness"] == pytest.approx(r[-3:].mean())
+    assert s["transient"] and s["peak_step"] == 200
+
+
+def test_one_noisy_evaluation_is_not_a_transient_once_smoothed():
+    dr = np.full(9, 0.1)
+    dd = np.full(9, 0.12)
+    dd[4] = 0.2  # one evaluation farther from dMMSE: r jumps from 0.545 to 0.667 and back
+    steps, loss, dr, dd = _curves(dr, dd)
+    assert summarize_curve(steps, loss, dr, dd, zero_ridge=0.6, thresholds=CurveThresholds(smooth=1))["transient"]
+    assert not summarize_curve(steps, loss, dr, dd, zero_ridge=0.6)["transient"]
 
 
 def test_ridge_throughout_is_not_transient_and_memorising_never_emerges():
@@ -143,7 +158,7 @@ def test_power_law_fit_recovers_an_exact_law_and_refuses_a_single_m():
 
 
 @pytest.mark.parametrize("field,value,match", [("emerged", 0.2, "emerged must be"), ("faded", 0.0, "faded must be"),
-                                               ("zero_ratio", 2.0, "zero_ratio must be")])
+                                               ("zero_ratio", 2.0, "zero_ratio must be"), ("smooth", 2, "odd")])
 def test_bad_thresholds_name_the_parameter(field, value, match):
     with pytest.raises(ValueError, match=match):
         CurveThresholds(**{field: value})

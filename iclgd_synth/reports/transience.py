@@ -43,10 +43,11 @@ def render(config, metrics: dict[str, Any], out: Path) -> str:
              f"{config.eval_tasks} fixed fresh tasks and {config.eval_tasks} fixed tasks from its pool: its half-MSE "
              "and its prediction distance (mean squared difference / d, averaged over n) to ridge at the Bayes lambda "
              "sigma^2 / tau^2 and to dMMSE over its pool. Ridge-ness r = d_dMMSE / (d_ridge + d_dMMSE) on fresh "
-             f"tasks (1 = ridge, 0 = dMMSE). Definitions of this study (not the papers'): ICL *emerged* when r peaked "
-             f"at >= {th.emerged:.3g} with d_ridge <= {th.zero_ratio:g} x the zero predictor's; *transient* when it "
-             f"emerged and r then fell by >= {th.faded:g}; the final state is ridge / dMMSE / between at r >= "
-             f"{0.5 + th.side:g} / <= {0.5 - th.side:g} / else; t* is the evaluation step of the lowest fresh-task "
+             f"tasks (1 = ridge, 0 = dMMSE), smoothed over {th.smooth} evaluations. Definitions of this study (not the "
+             f"papers'): ICL *emerged* when r peaked at >= {th.emerged:.3g} with d_ridge <= {th.zero_ratio:g} x the "
+             f"zero predictor's; *transient* when it emerged and r then fell by >= {th.faded:g} by the end; the final "
+             f"state is ridge / dMMSE / between at r >= {0.5 + th.side:g} / <= {0.5 - th.side:g} / else; t* is the "
+             "evaluation step of the lowest fresh-task "
              "loss. Intervals are 95% Student-t over seeds.", ""]
     lines += ["## The two Bayes predictors on the evaluation tasks", "",
               "Half-MSE averaged over n; D(ridge, dMMSE) is their distance, the scale of the model's distances.", ""]

@@ -57,7 +57,7 @@ class TransienceConfig:
         ``train.weight_decay`` by each entry of ``weight_decays``; ``train.seeds`` are the seeds of every (M, weight
         decay); ``train.model`` is a :class:`~iclgd_synth.gpt.GPTConfig`; ``train.task.noise`` > 0 (sigma, the label
         noise standard deviation). The default is the CPU preset (see :data:`TRANSIENCE`).
-      pool_sizes: the pool sizes M (different integers in [1, 2^20], ascending). Default (4, 16, 64).
+      pool_sizes: the pool sizes M (different integers in [1, 2^20], ascending). Default (8, 16, 32).
       weight_decays: AdamW decoupled weight decays (different numbers >= 0). Default (0.0, 0.1).
       eval_every: steps between evaluations (the training chunk; the curves' resolution), >= 1. Default 250.
       eval_tasks: fresh tasks, and as many pool tasks, in every evaluation (fixed over training). Default 1000.
@@ -71,7 +71,7 @@ class TransienceConfig:
         model=GPTConfig(dim=3, n_context=8, d_model=32, n_layers=2, n_heads=2), objective="next_token",
         batch_size=128, n_steps=4000, lr=3e-3, schedule="constant", clip_norm=1.0, seeds=(0, 1), chunk_steps=250,
         checkpoint_every=1000)
-    pool_sizes: tuple[int, ...] = (4, 16, 64)
+    pool_sizes: tuple[int, ...] = (8, 16, 32)
     weight_decays: tuple[float, ...] = (0.0, 0.1)
     eval_every: int = 250
     eval_tasks: int = 1000
