@@ -4,11 +4,16 @@ From "Why Can GPT Learn In-Context? Language Models Implicitly Perform Gradient 
 "In-context Learning and Gradient Descent Revisited":
 
 - SimAOU = cos(h_ICL - h_ZSL, h_FT - h_ZSL): the change that ICL makes to an attention output against the change that
-  fine-tuning makes, both measured from the zero-shot (ZSL) output; per task, then averaged.
+  fine-tuning makes, both measured from the zero-shot (ZSL) output; per task, then averaged. The paper normalises
+  each output first (:func:`normalised_sim_aou`); :func:`sim_aou` is the unnormalised cosine.
 - SimAM_delta = cos(m_ICL - m_ZSL, m_FT - m_ZSL) for attention maps over the keys the three runs share.
 - Kendall's tau between ICL's attention over the demonstrations and FT's per-demonstration influence.
 - Rec2FTP: of the tasks where FT improves on zero-shot, the fraction where ICL improves too (the regression analogue
   of "recall to fine-tuning predictions": "improves" = smaller absolute error on the query).
+
+The nulls' helpers: :func:`energy_fraction` (how much of a change sits in the y entries), :func:`kendall_tau_channels`
+(vector outputs), :func:`rec2ftp_selection_corrected` (the base rate given the zero-shot error) and Dai's SimAM on one
+shared key (:func:`sim_am_across_tasks`).
 
 All functions take NumPy or JAX arrays with the task axis first and return NumPy values; a per-task cosine whose two
 vectors are (numerically) zero is NaN and left out of averages, and the count of such tasks is returned.

@@ -14,8 +14,16 @@ h = the query's attention update (a D-vector):
 - h_ICL: demonstrations in context; h_ZSL: query alone; h_FT: query alone after fine-tuning W_K and W_V of the
   zero-shot model by full-batch GD on the demonstrations (each a lone query (x_i, 0) with target y_i; step size tuned
   on separate tasks for the lowest query loss).
-- SimAOU = cos(h_ICL - h_ZSL, h_FT - h_ZSL) per task, averaged; baselines: the same FT update norm in a random
-  direction, and the fine-tuned copy of *another* task.
+- SimAOU as the paper defines it: each attention output normalised to unit length, then
+  cos(h^_ICL - h^_ZSL, h^_FT - h^_ZSL) per task, averaged (the unnormalised cosine beside it). With one output
+  channel nearly all of an update's energy can sit in the y entry, which makes the unnormalised cosine close to a
+  sign test of the prediction change (:func:`icl_vs_ft` reports the share). Fine-tuning full-batch (``steps`` GD
+  steps) or as in the paper (one SGD step per demonstration, in order, batch 1, W_K and W_V).
+- Nulls (what replaces FT): a random direction of FT's norm, another task's FT, another task's ICL, the oracle that
+  sets the read-out to y_q, and explicit learners unrelated to the model (ridge, a GD step: :func:`tuned_learners`;
+  update = zero-shot output with the read-out set to their prediction, influence = leave-one-out); shuffled
+  influences for Kendall; for Rec2FTP the selection-corrected rate (ICL independent of FT given the zero-shot error).
+  The untrained-model control runs the same protocol on an initialised model (in the study).
 - SimAM_delta on the query's own attention score, the only key ICL, ZSL and FT share (ZSL and FT see the query
   alone). It is undefined at layer 1 of any model, hence for a 1-layer model: the score (W_K e_q).(W_Q e_q) depends
   only on the token entering the layer, which at layer 1 is (x_q, 0) with and without demonstrations, so
@@ -31,8 +39,10 @@ h = the query's attention update (a D-vector):
   prediction against the signed influence, where influence_i = -<grad_theta y_hat_ZSL(x_q), grad_theta l_i(theta_0)>
   is the first-order change of the zero-shot prediction per unit step from a GD step on demonstration i alone.
   Baseline: the same with the influences shuffled within each task.
-- Rec2FTP: of the tasks where FT lowers the query's absolute error below zero-shot's, the fraction where ICL does;
-  reported with ICL's unconditional rate and with the random-direction FT in place of FT.
+- Rec2FTP: of the tasks where FT lowers the query's error below zero-shot's, the fraction where ICL does;
+  reported with ICL's unconditional rate, the selection-corrected rate and each null in place of FT.
+- Dai's SimAM before (ICL vs ZSL) and after (ICL vs FT) fine-tuning on the query's score on itself, one cosine across
+  tasks: 1 before by construction at layer 1.
 
 **Momentum attention**: the exact relations of :mod:`~iclgd_synth.critiques.momentum` measured in float64 on random
 sizes (:func:`momentum_equivalence_errors`), and the hand GD layer with momentum attention

@@ -21,7 +21,13 @@ P W_V = (eta/N) [[0, 0], [W0, -I]]) three exact statements hold. Each is tested 
      weights the prediction is exactly one GD step on an affine model (W, b) from (W0, 0) in which W's loss weights
      every demonstration by 1 and the bias b's loss weights demonstration i by beta^(N-i):
      y_hat = (W0 + Delta W_GD) x_q + (eta/N) sum_i beta^(N-i) (y_i - W0 x_i). It is not a re-weighting of the
-     demonstrations' meta-gradients; on zero-mean tasks the bias is pure noise (the study measures its cost).
+     demonstrations' meta-gradients: it adds a bias that does not depend on the query, so it is not momentum
+     (nothing carries a velocity from one update to the next); on zero-mean tasks the bias is pure noise (the study
+     measures its cost).
+
+(a1) and (a2) are implementation checks: each side is built from the same formula, so they hold by construction.
+(b) is a genuine construction of heavy-ball GD, but a different one from the paper's momentum attention (extra token
+channels and heads).
 (b)  **Heavy-ball GD across layers**, w_{k+1} = w_k - eta_k grad L(w_k) + mu_k (w_k - w_{k-1}), w_{-1} = w_0 = 0, is
      realised by K linear-attention layers on tokens with two extra channels, e = (x, y, r, 1): r holds the previous
      step's change of the residual target (r_j = -(w_k - w_{k-1}) x_j), 1 is a constant. Per layer, head 1 is the
