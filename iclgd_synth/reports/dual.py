@@ -254,13 +254,16 @@ def _icl_vs_ft_section(metrics: dict[str, Any], config=None) -> list[str]:
             for layer in range(ml["n_layers"]):
                 def ci_of(k, c=c, r=r, layer=layer):
                     return format_ci(c[k][layer], 3) if k in c else fmt(r[k][layer])
-                rows.append([variant_label(s), fmt(r["lr"]), layer + 1, fmt(r["max_abs_map_change_icl_vs_zsl"][layer]),
+                rows.append([variant_label(s), fmt(r["lr"]), f"{fmt(r['ft_query_loss'])} ({r['ft_diverged']})",
+                             layer + 1, fmt(r["max_abs_map_change_icl_vs_zsl"][layer]),
                              ci_of("simam_before"), ci_of("simam_after"), fmt(r["simam_after_random_direction"][layer]),
                              ci_of("simam_delta"), fmt(r["simam_delta_random_direction"][layer]), ci_of("simaou"),
                              fmt(r["simaou_random_direction"][layer])])
         lines += [f"Model: {ml['model']}; fine-tuning of W_K, W_V of every layer (standard), step size tuned. "
-                  "(SimAOU here is the causal study's unnormalised per-layer SimAOU.)", "",
-                  table(["fine-tuning", "FT lr", "layer", "max |m_ICL - m_ZSL|", "SimAM before", "SimAM after",
+                  "(SimAOU here is the causal study's unnormalised per-layer SimAOU.) A cosine across tasks is "
+                  "dominated by the tasks with the largest scores: where fine-tuning blows up on some test tasks (FT "
+                  "query loss far above the zero-shot one), its SimAM and SimAM_delta say nothing.", "",
+                  table(["fine-tuning", "FT lr", "FT query loss (tasks diverged)", "layer", "max |m_ICL - m_ZSL|", "SimAM before", "SimAM after",
                          "SimAM after, random dir.", "SimAM_delta", "SimAM_delta random dir.", "SimAOU",
                          "SimAOU random dir."], rows)]
     else:
