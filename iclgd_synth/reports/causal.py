@@ -247,13 +247,17 @@ def _details(config, metrics: dict, n_seeds: int) -> list[str]:
                          "SimAM_delta per layer", "SimAM_delta random dir. per layer"], rows)]
         u = entry.get("untrained")
         if u:
-            rows = [[key.split("|")[0], key.split("|")[1], ", ".join(fmt(x, 3) for x in r["simaou"]),
+            rows = [[key.split("|")[0], key.split("|")[1],
+                     " / ".join(fmt(p["alignment"][key]["lr"]) for p in u.get("per_seed", [])) or r["lr"],
+                     ", ".join(fmt(x, 3) for x in r["simaou"]),
                      ", ".join(fmt(x, 3) for x in r["simam_delta"]),
                      ", ".join(fmt(x, 3) for x in r.get("simam_delta_random_direction", []))]
                     for key, r in u["alignment"].items()]
-            lines += ["Untrained-model control (the same protocol on the initialisation, standard fine-tuning; "
-                      f"ICL loss {fmt(u['icl_loss'])}):", "",
-                      table(["FT of", "steps", "SimAOU per layer", "SimAM_delta per layer",
+            lines += ["Untrained-model control (the same protocol on the initialisation, standard fine-tuning, its "
+                      "own tuned step size: an untrained model's small attention weights need large steps, and a step "
+                      f"at the grid's top ({fmt(max(config.lr_grid))}) means the best step may be larger; ICL loss "
+                      f"{fmt(u['icl_loss'])}):", "",
+                      table(["FT of", "steps", "lr per seed", "SimAOU per layer", "SimAM_delta per layer",
                              "SimAM_delta random dir. per layer"], rows)]
         nulls = entry.get("nulls", {})
         if nulls:
