@@ -28,6 +28,10 @@ COMMANDS = {
     "weights": ("iclgd_synth.weights.command", "compare hand-constructed and trained weights with real LLM weights"),
 }
 
+#: Commands that run with the persistent compilation cache on (:mod:`iclgd_synth.compile_cache`): a second run
+#: loads its compiled programs instead of compiling them. ``bench`` is left out so its figures stay comparable.
+CACHED_COMMANDS = ("run", "report", "equivalence", "sweep", "weights")
+
 #: Errors that are the user's to fix: reported in one line, no traceback.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError,
                FileExistsError, MemoryError)
@@ -50,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else "")
     args = parser.parse_args(argv)
+    if args.command in CACHED_COMMANDS:
+        from iclgd_synth import compile_cache
+
+        compile_cache.enable()  # this process only; ICLGD_JAX_CACHE=0 turns it off
     try:
         return int(importlib.import_module(args._module).main(args) or 0)
     except KeyboardInterrupt:

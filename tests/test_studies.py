@@ -325,28 +325,40 @@ def test_bench_quick_mode_prints_and_saves_positive_figures(tmp_path, capsys):
         assert text in printed, text
 
 
-def test_bench_times_the_main_job_with_and_without_the_llm_section(monkeypatch, tmp_path):
-    """The end-to-end part with a stand-in for the two fresh processes (the real ones take minutes)."""
+def test_bench_times_the_main_job_cold_warm_and_without_the_llm_section(monkeypatch, tmp_path):
+    """The end-to-end part with a stand-in for the three fresh processes (the real ones take minutes)."""
     import subprocess
 
     from iclgd_synth import bench
 
     calls = []
 
-    def fake_run(cmd, check, stdout):
-        calls.append(cmd)
+    def fake_run(cmd, check, stdout, env):
+        calls.append((cmd, env["ICLGD_JAX_CACHE"]))
         root = Path(cmd[cmd.index("--root") + 1])
         run = root / "vonoswald-abc"
         run.mkdir(parents=True)
         llm = {"skipped": "no"} if "--no-llm-weights" in cmd else {"seconds": 1.5}
         (run / "metrics.json").write_text(json.dumps({"train_seconds": 2.0, "trained_loss": 0.21, "gd_loss": 0.206,
-                                                      "llm_weights": llm}))
+                                                      "tasks_per_second": 1e6, "llm_weights": llm}))
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     m = bench.bench_main_job(quick=True)
-    assert len(calls) == 2 and "--no-llm-weights" not in calls[0] and "--no-llm-weights" in calls[1]
-    assert all("--quick" in c for c in calls) and "--llm-max-layers" in calls[0]
-    assert m["seconds"] > 0 and m["seconds_no_llm"] > 0 and m["llm_section_seconds"] == 1.5
+    cmds, caches = [c for c, _ in calls], [e for _, e in calls]
+    assert len(calls) == 3 and ["--no-llm-weights" in c for c in cmds] == [False, False, True]
+    assert all("--quick" in c for c in cmds) and "--llm-max-layers" in cmds[0]
+    assert len(set(caches)) == 1 and caches[0] not in ("", "0")  # one fresh cache, filled by the first run
+    assert m["seconds"] > 0 and m["seconds_cold_cache"] > 0 and m["seconds_no_llm"] > 0
+    assert m["llm_section_seconds"] == 1.5
+    assert "first run, empty compilation cache" in bench.format_report(
+        {"backend": "cpu", "device": "cpu", "n_devices": 1, "training": _FAKE_TRAINING, "tuning": _FAKE_TUNING,
+         "forward": [], "main_job": m})
+
+
+_FAKE_TRAINING = {"batch_size": 8, "steps": 2, "train_form": "per-step calls", "train_tasks_per_s": 1.0,
+                  "scan_tasks_per_s": 1.0, "loop_tasks_per_s": 1.0, "scan_over_loop": 1.0}
+_FAKE_TUNING = {"n_tasks": 1, "exact_1step_s": 1.0, "exact_1step_eta": 1.0, "exact_5step_s": 1.0,
+                "exact_5step_eta": 1.0, "grid_1step_s": 1.0, "grid_1step_eta": 1.0}
 
 
 @pytest.mark.parametrize("argv, text", [

@@ -195,6 +195,31 @@ def test_gguf_array_metadata_is_read_whole_with_and_without_reader_contents(tmp_
         assert field_value(r, "general.architecture") == "llama" and field_value(r, "missing", 7) == 7
 
 
+def test_the_gguf_index_is_cached_and_the_cached_index_gives_the_same_tensors(tmp_path, monkeypatch):
+    gguf = pytest.importorskip("gguf")
+    from iclgd_synth.weights import gguf_loader as G
+
+    long_list = list(range(G.MAX_ARRAY + 1))
+    path = write_gguf(tmp_path / "m.gguf", tiny_attention(n_layers=2), 4, 2, 32, qtype=gguf.GGMLQuantizationType.Q8_0,
+                      metadata={"tiny.vocab": long_list, "tiny.short": [1, 2]})
+    first = G.read_gguf_index(path, cache=tmp_path / "c")
+    assert first.fields["tiny.vocab"] is None and first.fields["tiny.short"] == [1, 2]  # long arrays skipped
+    assert len(list((tmp_path / "c" / "gguf-index").glob("*.json"))) == 1
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("the cached index must not parse the file")
+
+    monkeypatch.setattr(gguf, "GGUFReader", no_parsing)
+    again = G.read_gguf_index(path, cache=tmp_path / "c")
+    assert again.fields == first.fields and again.tensors.keys() == first.tensors.keys()
+    for name, t in first.tensors.items():
+        u = again.tensors[name]
+        assert (u.shape, u.tensor_type, u.data.dtype) == (t.shape, t.tensor_type, t.data.dtype), name
+        np.testing.assert_array_equal(u.data, t.data)
+    with pytest.raises(AssertionError, match="must not parse"):  # no cache: parsed again
+        G.read_gguf_index(path, cache=False)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_a_damaged_gguf_or_safetensors_file_is_an_error_naming_it(tmp_path, damage):
     pytest.importorskip("gguf")

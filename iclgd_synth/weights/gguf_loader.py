@@ -16,6 +16,7 @@ converter class permutes (``open_gguf(unpermute=...)`` / ``iclgd weights --no-un
 from __future__ import annotations
 
 import dataclasses
+import json
 import struct
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,13 @@ class GGUFTensor:
     data: np.ndarray
 
 
+#: Metadata arrays longer than this (the vocabulary, merges, token scores) are read as None: nothing here uses them,
+#: and they would make the cached index large.
+MAX_ARRAY = 4096
+#: Bump when what a cached index holds changes.
+INDEX_VERSION = 1
+
+
 @dataclasses.dataclass(frozen=True)
 class GGUFIndex:
     """A GGUF file's metadata (key -> value: a number, a string, or a list for arrays; arrays of more than
@@ -96,23 +104,87 @@ class GGUFIndex:
     tensors: dict[str, GGUFTensor]
 
 
-def read_gguf_index(path: str | Path) -> GGUFIndex:
-    """The metadata and tensor index of a GGUF file through ``gguf.GGUFReader`` (the tensors stay in the
-    memory-mapped file). A file that is not a readable GGUF (truncated, another format) raises ValueError naming
-    it. (Reading SmolLM2's 49,152-token vocabulary takes about 1.6 s; the statistics cache makes that once.)"""
+def read_gguf_index(path: str | Path, cache: bool | str | Path | None = None) -> GGUFIndex:
+    """The metadata and tensor index of a GGUF file (the tensors stay in the memory-mapped file). A file that is not
+    a readable GGUF (truncated, another format) raises ValueError naming it.
+
+    Parsing the header with ``gguf.GGUFReader`` reads every metadata entry, SmolLM2's 49,152-token vocabulary
+    included (1.6 s on an idle 2-core machine, about 5 s under load), so the index is cached as a small JSON file
+    (``gguf-index/`` in the statistics cache folder, :func:`iclgd_synth.weights.cache.cache_dir`; ``cache`` as
+    there) keyed on the file's resolved path, size and modification time: a later run memory-maps the file and
+    builds the same tensor views from the recorded offsets without parsing."""
+    path = Path(path)
+    entry = _index_entry(path, cache)
+    if entry is not None and entry.exists():
+        try:
+            return _index_from_json(path, json.loads(entry.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # an unreadable entry is treated as absent
     import gguf
 
     try:
-        return _index_from_reader(gguf.GGUFReader(str(path)))
+        reader = gguf.GGUFReader(str(path))
+        index = _index_from_reader(reader)
     except (ValueError, OSError, KeyError, IndexError, TypeError, struct.error) as e:
         raise ValueError(f"{str(path)!r} is not a readable GGUF file ({type(e).__name__}: {e}); check that it is "
                          "complete (a download cut short leaves a truncated file) and in GGUF format") from e
+    if entry is not None:
+        _write_index(entry, index, reader)
+    return index
+
+
+def _index_entry(path: Path, cache: bool | str | Path | None) -> Path | None:
+    from iclgd_synth.storage import stable_hash
+    from iclgd_synth.weights.cache import cache_dir
+
+    folder = cache_dir(cache)
+    if folder is None:
+        return None
+    try:
+        st = path.resolve().stat()
+    except OSError:
+        return None
+    key = stable_hash({"version": INDEX_VERSION, "path": str(path.resolve()), "size": st.st_size,
+                       "mtime_ns": st.st_mtime_ns})
+    return folder / "gguf-index" / f"{key}.json"
+
+
+def _write_index(entry: Path, index: GGUFIndex, reader: Any) -> None:
+    from iclgd_synth.storage import write_text_atomic
+
+    tensors = [{"name": t.name, "shape": [int(v) for v in t.shape], "type": int(t.tensor_type),
+                "offset": int(t.data_offset), "dtype": t.data.dtype.str, "data_shape": list(t.data.shape)}
+               for t in reader.tensors]
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(entry, json.dumps({"fields": index.fields, "tensors": tensors}))
+    except OSError:
+        pass  # a cache folder that cannot be written is skipped
+
+
+def _index_from_json(path: Path, payload: dict) -> GGUFIndex:
+    from gguf import GGMLQuantizationType
+
+    data = np.memmap(path, mode="r")
+    tensors = {}
+    for t in payload["tensors"]:
+        dtype, shape = np.dtype(t["dtype"]), tuple(t["data_shape"])
+        n_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        view = data[t["offset"]:t["offset"] + n_bytes].view(dtype).reshape(shape)
+        tensors[t["name"]] = GGUFTensor(t["name"], tuple(t["shape"]), GGMLQuantizationType(t["type"]), view)
+    return GGUFIndex(payload["fields"], tensors)
 
 
 def _index_from_reader(reader: Any) -> GGUFIndex:
-    fields = {k: field_value(reader, k) for k in reader.fields}
+    fields = {k: (None if _is_long_array(reader.fields[k]) else field_value(reader, k)) for k in reader.fields}
     return GGUFIndex(fields, {t.name: GGUFTensor(t.name, tuple(int(s) for s in t.shape), t.tensor_type, t.data)
                               for t in reader.tensors})
+
+
+def _is_long_array(field: Any) -> bool:
+    from gguf import GGUFValueType
+
+    return bool(field.types) and field.types[0] == GGUFValueType.ARRAY and len(field.data) > MAX_ARRAY
 
 
 def open_gguf(path: str | Path, *, spec: str | None = None, name: str | None = None, n_heads: int | None = None,
