@@ -24,10 +24,12 @@ def default_folder(name: str = "jax") -> Path:
     return Path(base) / "iclgd_synth" / name
 
 
-def enable(folder: str | os.PathLike | None = None, *, env: str = ENV, min_compile_seconds: float = 0.0) -> Path | None:
-    """Turn on JAX's persistent compilation cache in ``folder`` (None: ``$ICLGD_JAX_CACHE`` or
-    :func:`default_folder`); returns the folder, or None when it was left off (turned off by ``env``, a cache already
-    configured by the user, or a folder that cannot be created)."""
+def enable(folder: str | os.PathLike | None = None, *, env: str = ENV, default: Path | None = None,
+           min_compile_seconds: float = 0.0) -> Path | None:
+    """Turn on JAX's persistent compilation cache in ``folder`` (None: the folder in ``$env``, else ``default``, else
+    :func:`default_folder`); returns the folder, or None when it was left off (``$env`` set to 0 or empty, a cache
+    already configured by the user, or a folder that cannot be created). Programs that compile in less than
+    ``min_compile_seconds`` are not stored."""
     import jax
 
     setting = os.environ.get(env)
@@ -35,7 +37,7 @@ def enable(folder: str | os.PathLike | None = None, *, env: str = ENV, min_compi
         return None
     if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
         return None
-    path = Path(folder) if folder is not None else (Path(setting) if setting else default_folder())
+    path = Path(folder or setting or default or default_folder())
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError:

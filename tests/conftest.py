@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
+from iclgd_synth import compile_cache
+
 # A persistent compilation cache for the test suite: a second run of the suite loads the compiled programs instead of
-# compiling them again (on a cold cache nothing changes). ICLGD_TEST_JAX_CACHE=0 turns it off.
-_JAX_CACHE = os.environ.get("ICLGD_TEST_JAX_CACHE", os.path.expanduser("~/.cache/iclgd_synth/jax-tests"))
-if _JAX_CACHE not in ("0", ""):
-    jax.config.update("jax_compilation_cache_dir", _JAX_CACHE)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+# compiling them again (on a cold cache nothing changes). ICLGD_TEST_JAX_CACHE=0 turns it off, a path moves it.
+compile_cache.enable(env="ICLGD_TEST_JAX_CACHE", default=compile_cache.default_folder("jax-tests"),
+                     min_compile_seconds=0.2)
 
 # Function-scoped fixtures (``x64``) are safe with @given: they set state that holds for every example of the test.
 # No "explain" phase: it reruns a failing example many times, and every run of a new shape pays a compilation.
