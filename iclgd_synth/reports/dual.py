@@ -190,6 +190,17 @@ def _icl_vs_ft_section(metrics: dict[str, Any], config=None) -> list[str]:
         lines += ["Explicit learners (tuned on the tuning tasks): " + "; ".join(
             f"{k}: " + ", ".join(f"{a} {fmt(b)}" for a, b in v.items() if a != "kind")
             for k, v in metrics["learners"].items()) + ".", ""]
+    losses = metrics.get("ci", {}).get("icl_model_loss", {}).get("values", [])
+    if len(losses) > 1:
+        zsl = next(iter(ft["by_steps"].values()))["loss"]["zsl"]
+        stuck = [s for s, v in zip(metrics.get("seeds", []), losses) if v > 0.9 * zsl]
+        lines += ["Per seed, the model's ICL loss: " + ", ".join(f"seed {s} {fmt(v)}" for s, v in
+                                                                 zip(metrics.get("seeds", []), losses))
+                  + f" (zero-shot loss {fmt(zsl)}). "
+                  + (f"Seed{'s' * (len(stuck) > 1)} {', '.join(map(str, stuck))} stayed near the zero-shot loss "
+                     "(the model did not learn in context at this training budget), which widens the intervals "
+                     "below; the per-seed values are in metrics.json (`headline`)."
+                     if stuck else "Every seed learned in context (ICL loss below 90% of the zero-shot loss)."), ""]
     for st, cell in head.get("icl_vs_ft", {}).items():
         r = ft["by_steps"][st]
         un = metrics.get("icl_vs_ft_untrained", {}).get("by_steps", {}).get(st)
