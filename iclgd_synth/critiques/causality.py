@@ -294,14 +294,14 @@ def paired_cells(per_task_by_seed: Sequence[Mapping[str, np.ndarray]], ft_steps:
                               "lo": t["lo"], "hi": t["hi"], "t": t["t"], "p": t["p"],
                               "effect_size": t["effect_size"], "n_tasks": t["n"], "seed_mean_diffs": seed_means,
                               "seeds_agreeing": int(sum(1 for m in seed_means if np.sign(m) == sign != 0)),
-                              "n_seeds": len(seed_means), "verdict": verdict})
+                              "n_seeds": len(seed_means), "n_layers": int(diff.shape[1]), "verdict": verdict})
     return cells
 
 
 def tally(cells: Sequence[Mapping[str, Any]], *, level: float = LEVEL) -> dict[str, Any]:
     """Win / loss / within-noise / undefined counts of :func:`paired_cells` results, overall and per parametrisation
     (``"attention"`` = W_K, W_V, the set "In-context Learning and Gradient Descent Revisited" fine-tunes; ``"adapters"``)
-    and per number of steps; ``"holm"``: the same counts when significance is taken after Holm's correction over all
+    , per number of steps and per layer position (``"first"``, ``"middle"``, ``"last"``); ``"holm"``: the same counts when significance is taken after Holm's correction over all
     the given cells; ``"consistent"``: significant after Holm and every seed's mean difference of the same sign."""
     keep = holm(np.array([c["p"] if np.isfinite(c["p"]) else 1.0 for c in cells]), level)
 
@@ -323,8 +323,17 @@ def tally(cells: Sequence[Mapping[str, Any]], *, level: float = LEVEL) -> dict[s
                      "by_param_set": {ps: count([p for p in pairs if p[0]["param_set"] == ps], mode)
                                       for ps in F.PARAM_SETS},
                      "by_steps": {str(s): count([p for p in pairs if p[0]["steps"] == s], mode)
-                                  for s in sorted({c["steps"] for c in cells})}}
+                                  for s in sorted({c["steps"] for c in cells})},
+                     "by_position": {pos: count([p for p in pairs if _position(p[0]) == pos], mode)
+                                     for pos in ("first", "middle", "last")}}
     return res
+
+
+def _position(cell: Mapping[str, Any]) -> str:
+    """"first" (layer 1), "last" (the model's last layer) or "middle"."""
+    if cell["layer"] == 1:
+        return "first"
+    return "last" if cell["layer"] == cell.get("n_layers", -1) else "middle"
 
 
 def comparisons(models: Mapping[str, Any], per_task: Mapping[str, Sequence[Mapping[str, np.ndarray]]],

@@ -192,6 +192,13 @@ def _findings(config, metrics: dict, n_seeds: int) -> list[str]:
     lines += [f"Measured: layer-causal fine-tuning vs standard: {_counts_text(lc['all'])}; on W_K, W_V "
               f"{_counts_text(lc['by_param_set']['attention'])}; on adapters "
               f"{_counts_text(lc['by_param_set']['adapters'])}.", ""]
+    if "by_position" in lc:
+        parts = []
+        for v, label in (("layer_causal", "layer-causal"), ("forward_order", "forward order")):
+            bp = cmp_[f"{v}_vs_standard"]["all"]["raw"]["by_position"]
+            parts.append(f"{label}: " + ", ".join(f"{pos} layer {_wl(bp[pos])}" for pos in ("first", "middle", "last")
+                                                  if bp[pos]["cells"]))
+        lines += ["By layer position (p < 0.05; wins / losses / within noise): " + "; ".join(parts) + ".", ""]
     cell_rows = []
     for k, cells in cmp_["layer_causal_vs_standard"]["cells"].items():
         al = metrics["models"][k]["alignment"]
