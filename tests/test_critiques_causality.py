@@ -202,6 +202,9 @@ def test_paired_cells_test_the_per_task_differences_and_count_only_significant_c
     assert t["raw"]["all"]["cells"] == 4 and t["raw"]["by_param_set"]["attention"]["cells"] == 2
     assert t["raw"]["all"]["wins"] >= 2 and t["holm"]["all"]["wins"] >= 2
     assert sum(v for k, v in t["raw"]["all"].items() if k != "cells") == 4
+    pos = t["raw"]["by_position"]  # 2 layers: layer 1 is "first", layer 2 "last", no middle
+    assert (pos["first"]["cells"], pos["middle"]["cells"], pos["last"]["cells"]) == (2, 0, 2)
+    assert pos["first"]["wins"] == 2
 
 
 def test_a_loss_on_one_seed_only_is_not_a_consistent_loss():
