@@ -98,9 +98,11 @@ def _headline_lines(metrics: dict[str, Any], n_seeds: int) -> list[str]:
              f"to GD's update rule ({first['unrelated_learner_name']}); and the correlation with SGD's closed-form "
              "second-order order term Q. Trained models: per seed, then mean over seeds [95% interval].", "",
              table(["causal model", "vs SGD", "vs Q (second-order term)", "null: shuffled pairing",
-                    "null: " + first["unrelated_learner_name"]],
+                    "null: " + first["unrelated_learner_name"], "vs SGD / vs Q per seed"],
                    [[ref, *(_ci_text(h[k], n_seeds if h["seeded"] else 1) for k in
-                            ("sgd", "second_order_term", "shuffled_pairing", "unrelated_learner"))]
+                            ("sgd", "second_order_term", "shuffled_pairing", "unrelated_learner")),
+                     ", ".join(f"{fmt(a, 3)} / {fmt(b, 3)}" for a, b in
+                               zip(h["sgd"]["values"], h["second_order_term"]["values"])) if h["seeded"] else ""]
                     for ref, h in head.items()])]
     beats = [f"{ref}: {fmt(h['sgd']['mean'], 3)} vs nulls {fmt(h['shuffled_pairing']['mean'], 3)} (shuffled) and "
              f"{fmt(h['unrelated_learner']['mean'], 3)} ({h['unrelated_learner_name']})" for ref, h in head.items()]
