@@ -98,7 +98,14 @@ def meta_gradient_errors(df_hand: DualForm, meta_BxOxd: Array, dim: int) -> dict
 
 def icl_attention_terms(params: TransformerParams, batch: TaskBatch) -> tuple[Array, Array]:
     """Layer 1's scores of the query over the demonstrations (summed over heads) and each demonstration's signed
-    contribution to the prediction (minus the y-part of its term), each (B, N)."""
+    contribution to the prediction (minus the y-part of its term, summed over output channels), each (B, N)."""
+    s_BxHxN, contrib_BxNxO = _layer1_terms(params, batch)
+    return s_BxHxN.sum(1), contrib_BxNxO.sum(-1)
+
+
+def _layer1_terms(params: TransformerParams, batch: TaskBatch) -> tuple[Array, Array]:
+    """Layer 1's per-head scores of the query over the demonstrations (B, H, N) and each demonstration's signed
+    contribution to the prediction per output channel (B, N, d_out)."""
     batch = validate_batch(batch)
     tokens = build_tokens(batch, params.arch.layout)
     lyr = params.layers[0]
@@ -107,10 +114,10 @@ def icl_attention_terms(params: TransformerParams, batch: TaskBatch) -> tuple[Ar
     q = jnp.einsum("hkd,bd->bhk", lyr["w_q"], tokens[:, -1])
     s_BxHxN = jnp.einsum("bhtk,bhk->bht", k, q)
     pv = jnp.einsum("hdv,hve,bte->bhtd", lyr["w_p"], lyr["w_v"], tokens[:, :n])
-    contrib = -jnp.einsum("bht,bhto->bt", s_BxHxN, pv[..., d:])
+    contrib = -jnp.einsum("bht,bhto->bto", s_BxHxN, pv[..., d:])
     if params.arch.normalize:
         contrib = contrib / (n + int(params.arch.include_query))
-    return s_BxHxN.sum(1), contrib
+    return s_BxHxN, contrib
 
 
 @functools.partial(jax.jit, static_argnames=("param_set",))
@@ -140,18 +147,7 @@ def ft_influence(zs: F.ZeroShotModel, batch: TaskBatch, param_set: str = "attent
 def demo_contributions(params: TransformerParams, batch: TaskBatch) -> Array:
     """Each demonstration's signed contribution to layer 1's prediction (minus the y-part of its term), per output
     channel, (B, N, d_out)."""
-    batch = validate_batch(batch)
-    tokens = build_tokens(batch, params.arch.layout)
-    lyr = params.layers[0]
-    n, d = batch.n_context, batch.dim
-    k = jnp.einsum("hkd,btd->bhtk", lyr["w_k"], tokens[:, :n])
-    q = jnp.einsum("hkd,bd->bhk", lyr["w_q"], tokens[:, -1])
-    s_BxHxN = jnp.einsum("bhtk,bhk->bht", k, q)
-    pv = jnp.einsum("hdv,hve,bte->bhtd", lyr["w_p"], lyr["w_v"], tokens[:, :n])
-    contrib = -jnp.einsum("bht,bhto->bto", s_BxHxN, pv[..., d:])
-    if params.arch.normalize:
-        contrib = contrib / (n + int(params.arch.include_query))
-    return contrib
+    return _layer1_terms(params, batch)[1]
 
 
 @functools.partial(jax.jit, static_argnames=("param_set",))
