@@ -38,7 +38,7 @@ import numpy as np
 
 from iclgd_synth.learners.prefix import PrefixDMMSE, PrefixRidge, bayes_ridge_lambda, prefix_targets
 from iclgd_synth.shapes import Array
-from iclgd_synth.tasks import TaskBatch, TaskConfig, sample, task_pool, validate_batch
+from iclgd_synth.tasks import TaskBatch, TaskConfig, sample, task_pool
 from iclgd_synth.validation import check_float, check_int
 
 #: Keys of the evaluation tasks: fresh tasks and pool tasks (independent of every training stream).
@@ -259,10 +259,3 @@ def fit_power_law(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
         out.update(stderr=se, lo=float(b - half), hi=float(b + half))
     return out
 
-
-def check_batch_for(evaluation: TransienceEvaluation, batch: TaskBatch) -> TaskBatch:
-    """``batch`` validated against an evaluation's shapes (a helper for callers comparing their own predictors)."""
-    batch = validate_batch(batch)
-    if batch.dim != evaluation.dim:
-        raise ValueError(f"batch has d = {batch.dim}, the evaluation d = {evaluation.dim}")
-    return batch
