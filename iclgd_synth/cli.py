@@ -59,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
 
         compile_cache.enable()  # this process only; ICLGD_JAX_CACHE=0 turns it off
     try:
-        return int(importlib.import_module(args._module).main(args) or 0)
+        from iclgd_synth import background
+
+        # This process's __main__ is safe to import in a child process: figures may be drawn by a worker.
+        with background.enabled():
+            return int(importlib.import_module(args._module).main(args) or 0)
     except KeyboardInterrupt:
         print("\niclgd: interrupted. Finished results and training checkpoints are kept; run the same command again "
               "to resume.", file=sys.stderr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import jax
 import numpy as np
 
 from iclgd_synth import metrics as M
+from iclgd_synth.background import Jobs
 from iclgd_synth.constructions import gd_params, gdpp_params
 from iclgd_synth.intervals import mean_ci
 from iclgd_synth.learners import GD, GDPlusPlus, LeastSquares, tune_gd, tune_gdpp
@@ -100,6 +102,9 @@ def _is_plain_lsa(m: ModelConfig) -> bool:
 def compute(config: GDComparisonConfig, run: Run) -> dict[str, Any]:
     """Tune the baselines, train every model for every seed, evaluate; returns the metrics (see the report)."""
     out = run.dir
+    # The weight comparison's figures are drawn by a worker process (when the command line allows one; see
+    # iclgd_synth.background), started now so that its imports overlap training.
+    jobs = Jobs(preload=("iclgd_synth.weights.figures",) if config.llm_weights else ())
     task, k = config.train.task, config.baseline_steps
     d, n = task.dim, task.n_context
     tune_batch = sample(jax.random.PRNGKey(TUNE_SEED), task, config.tune_tasks)
@@ -134,6 +139,12 @@ def compute(config: GDComparisonConfig, run: Run) -> dict[str, Any]:
     if k > 1 and hand_pp is not None:
         hand_layers["hand GD++ construction"] = M.per_layer_losses(hand_pp, eval_batch)
 
+    # The baselines' out-of-distribution sweeps do not depend on training: a thread runs them while the models
+    # train (XLA runs both at once; training alone keeps about one core busy). The same tasks either way.
+    ood_pool = ThreadPoolExecutor(max_workers=1) if config.ood else None
+    ood_baselines = (ood_pool.submit(_ood_sweeps, {**predictors, "least squares": LeastSquares()}, task,
+                                     config.eval_tasks) if ood_pool is not None else None)
+
     results: dict[str, Any] = {}
     results_params: dict[str, list] = {}
     arrays: dict[str, np.ndarray] = {}
@@ -165,19 +176,32 @@ def compute(config: GDComparisonConfig, run: Run) -> dict[str, Any]:
         arrays.update(_heatmap_arrays(label, params, hand, hand_pp, d))
     run.save_arrays("arrays", **arrays)
 
-    ood = {}
-    if config.ood:
-        ood_predictors = {**predictors, "least squares": LeastSquares()}
-        for sweep in M.OOD_SWEEPS:
-            ood[sweep] = M.ood_sweep(ood_predictors, task, sweep, n_tasks=config.eval_tasks)
-
     first = config.models[0][0]
+    # Before the out-of-distribution sweeps, so that the worker draws its figures while they run.
+    llm = (_llm_comparison(config, first_params[first], out / "weights", run.progress, jobs)
+           if config.llm_weights else None)
+    ood = {}
+    if ood_baselines is not None:
+        base = ood_baselines.result()
+        ood_pool.shutdown()
+        done = set(next(iter(base.values()))["losses"])
+        trained_ood = _ood_sweeps({name: p for name, p in predictors.items() if name not in done}, task,
+                                  config.eval_tasks)
+        order = [*predictors, "least squares"]
+        for sweep in M.OOD_SWEEPS:
+            losses = {**base[sweep]["losses"], **trained_ood[sweep]["losses"]}
+            ood[sweep] = {"values": base[sweep]["values"], "losses": {name: losses[name] for name in order}}
+
     exact = _exact_optimum(config, tuned.eta, eval_batch, first_result_params=results_params[first])
-    llm = (_llm_comparison(config, first_params[first], out / "weights", run.progress) if config.llm_weights
-           else None)
+    jobs.wait()
     return {**baselines, **{k_: v for k_, v in results[first].items() if k_ != "history"},
             "models": results, "hand_per_layer_losses": hand_layers, "ood": ood, "llm_weights": llm, "exact": exact,
             "input_second_moment": M.input_second_moment(task)}
+
+
+def _ood_sweeps(predictors: dict[str, Any], task, n_tasks: int) -> dict[str, Any]:
+    """Every out-of-distribution sweep of :data:`metrics.OOD_SWEEPS` for ``predictors`` (fixed tasks per point)."""
+    return {sweep: M.ood_sweep(predictors, task, sweep, n_tasks=n_tasks) for sweep in M.OOD_SWEEPS}
 
 
 def _exact_optimum(config: GDComparisonConfig, tuned_eta: float, eval_batch, *, first_result_params: list
@@ -227,18 +251,21 @@ def _mean_over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _llm_comparison(config: GDComparisonConfig, trained: TransformerParams, out: Path, progress: bool) -> dict:
+def _llm_comparison(config: GDComparisonConfig, trained: TransformerParams, out: Path, progress: bool,
+                    jobs: Jobs | None = None) -> dict:
     """Weight statistics of the hand and trained weights against real LLM weights (optional ``llm`` extra).
 
     Runs after training, so a missing package or file, or a checkpoint it cannot read (bad layout, head count:
-    ValueError), is recorded as skipped with the message instead of ending the study.
+    ValueError), is recorded as skipped with the message instead of ending the study. The figures are drawn by
+    ``jobs`` (None: here, before returning).
     """
     try:
         from iclgd_synth.weights.report import weights_report
 
         d = config.train.task.dim + config.train.task.out_dim
         rep = weights_report(list(config.llm_weights), out, trained, trained_note="this run's trained model",
-                             hand=(("gd", d), ("gdpp", d)), max_layers=config.llm_max_layers, progress=progress)
+                             hand=(("gd", d), ("gdpp", d)), max_layers=config.llm_max_layers, progress=progress,
+                             jobs=jobs)
     except (ModuleNotFoundError, FileNotFoundError, ValueError) as e:
         return {"skipped": f"{type(e).__name__}: {e}"}
     return {"inside_counts": rep["inside_counts"], "summary_markdown": rep["summary_markdown"],

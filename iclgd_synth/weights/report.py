@@ -50,7 +50,7 @@ def weights_report(llm_sources: Sequence[str | Path | WeightSource], out_dir: st
                    trained_note: str | None = None, hand: Sequence[HandSpec | tuple] = DEFAULT_HAND,
                    max_layers: int | None = None, n_heads: int | None = None, n_kv_heads: int | None = None,
                    figures: bool = True, progress: bool = True, unpermute: bool | None = None,
-                   cache: bool | str | Path | None = None) -> dict:
+                   cache: bool | str | Path | None = None, jobs: Any = None) -> dict:
     """Compare hand-constructed (and trained) attention weights with real LLM weights; write the report to
     ``out_dir`` and return its content.
 
@@ -67,6 +67,8 @@ def weights_report(llm_sources: Sequence[str | Path | WeightSource], out_dir: st
       unpermute: for GGUF checkpoints, undo llama.cpp's rotary row permutation of W_Q / W_K (None: by architecture).
       cache: the LLM statistics cache (:func:`~iclgd_synth.weights.collect.collect_stats`): None from the
         environment (``ICLGD_CACHE``), False off, or a folder.
+      jobs: a :class:`~iclgd_synth.background.Jobs` to draw the figures with (the caller then waits for it before
+        the figure files are read); None draws them here, before returning.
 
     Returns:
       dict with "summary_markdown" (the summary table), "resemblance" (every row), "summary" (the summary rows),
@@ -98,7 +100,13 @@ def weights_report(llm_sources: Sequence[str | Path | WeightSource], out_dir: st
 
     files = {}
     if figures:
-        files.update(_figures(out_dir, llms, rest, n_rows))
+        from iclgd_synth.background import Jobs
+
+        own = jobs is None
+        jobs = Jobs(inline=True) if own else jobs
+        files.update(_figures(out_dir, llms, rest, n_rows, jobs))
+        if own:
+            jobs.wait()
     summary_md = summary_table(summary, [l.name for l in llms], [o.name for o in rest], short)
     seconds = time.perf_counter() - t0
     md = _markdown(llms, rest, rows, summary_md, counts, short, n_rows, trained_note, files, seconds)
@@ -320,14 +328,18 @@ Cells of the hand-constructed and trained sources: value (percentile p and z-sco
 # --- helpers ------------------------------------------------------------------------------------------------------
 
 
-def _figures(out_dir: Path, llms, rest, n_rows) -> dict[str, str]:
+def _figures(out_dir: Path, llms, rest, n_rows, jobs) -> dict[str, str]:
+    """Submit the figures to ``jobs``; their paths (written once the jobs are done)."""
     from iclgd_synth.weights import figures
 
     everything = llms + rest
-    files = {"magnitudes": figures.magnitude_histograms(out_dir / "magnitudes.png", everything),
-             "small_fraction": figures.small_fraction_curves(out_dir / "small_fraction.png", everything),
-             "spectra": figures.spectra(out_dir / "spectra.png", everything),
-             "n_dependence": figures.n_dependence(out_dir / "n_dependence.png", n_rows)}
+    files = {}
+    for key, draw, data in (("magnitudes", figures.magnitude_histograms, everything),
+                            ("small_fraction", figures.small_fraction_curves, everything),
+                            ("spectra", figures.spectra, everything),
+                            ("n_dependence", figures.n_dependence, n_rows)):
+        files[key] = out_dir / f"{key}.png"
+        jobs.submit(draw, files[key], data)
     for key, matrix in (("kq_heatmaps", "W_K^T W_Q"), ("ov_heatmaps", "W_O W_V")):
         examples = []
         for s in rest:
@@ -340,7 +352,8 @@ def _figures(out_dir: Path, llms, rest, n_rows) -> dict[str, str]:
             if mine and mine[0][1].shape[0] > CROP:  # a corner, to show whether there is a diagonal at all
                 examples.append((f"{mine[0][0]}, first {CROP} rows/cols", mine[0][1][:CROP, :CROP]))
         if examples:
-            files[key] = figures.heatmaps(out_dir / f"{key}.png", examples)
+            files[key] = out_dir / f"{key}.png"
+            jobs.submit(figures.heatmaps, files[key], examples)
     return {k: str(v) for k, v in files.items()}
 
 
