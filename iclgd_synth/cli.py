@@ -54,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else "")
     args = parser.parse_args(argv)
+    try:
+        from iclgd_synth import host_devices
+
+        host_devices.one_per_core()  # before JAX starts: one host device per core (iclgd_synth.host_devices)
+    except ValueError as e:
+        print(f"iclgd {args.command}: error: {e}", file=sys.stderr)
+        return 2
     if args.command in CACHED_COMMANDS:
         from iclgd_synth import compile_cache
 

@@ -48,9 +48,9 @@ def derive(key: PRNGKey, *indices: int | Array) -> PRNGKey:
     return key
 
 
-def index_keys(key: PRNGKey, n: int) -> PRNGKey:
-    """Keys ``fold_in(key, i)`` for i = 0 .. n-1, stacked: (n, *key.shape)."""
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n, dtype=jnp.uint32))
+def index_keys(key: PRNGKey, n: int, first: int = 0) -> PRNGKey:
+    """Keys ``fold_in(key, i)`` for i = first .. first + n - 1, stacked: (n, *key.shape)."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(n, dtype=jnp.uint32))
 
 
 def seed_key(seed: int) -> PRNGKey:

@@ -304,30 +304,34 @@ def check_dtype(dtype: Any) -> Any:
 _TRACED_FIELDS = ("x_range", "w_scale", "noise", "x_scale", "label_corruption")
 
 
-def sample(key: PRNGKey, config: TaskConfig, batch_size: int, dtype: Any = None) -> TaskBatch:
+def sample(key: PRNGKey, config: TaskConfig, batch_size: int, dtype: Any = None, *, first: int = 0) -> TaskBatch:
     """Draw a :class:`TaskBatch` for ``config``; the jit-compiled core of :func:`sample_tasks`.
 
     ``key`` is one PRNG key (``jax.random.PRNGKey(seed)``); a batch that cannot fit in this machine's memory is
-    refused before anything is drawn (MemoryError with the estimate).
+    refused before anything is drawn (MemoryError with the estimate). ``first``: the tasks are tasks ``first`` ..
+    ``first + batch_size - 1`` of ``key``'s stream, the same tasks as those rows of a larger batch drawn from the
+    same key (a large batch can be drawn in parts, on several devices).
     """
     check_key("key", key)
     batch_size = check_int("batch_size", batch_size, min_value=1)
+    first = check_int("first", first, min_value=0, max_value=2 ** 32 - 1 - batch_size)
     check_sample_memory(config, batch_size, dtype)
     values = {f: getattr(config, f) for f in _TRACED_FIELDS}
     static = config.replace(x_range=1.0, w_scale=1.0, x_scale=1.0, noise=float(config.noise > 0),
                             label_corruption=0.5 * (config.label_corruption > 0))
-    return _sample(key, static, values, batch_size, check_dtype(dtype))
+    return _sample(key, static, values, batch_size, check_dtype(dtype), first)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "batch_size", "dtype"))
-def _sample(key: PRNGKey, config: TaskConfig, values: dict, batch_size: int, dtype: Any = None) -> TaskBatch:
+@functools.partial(jax.jit, static_argnames=("config", "batch_size", "dtype", "first"))
+def _sample(key: PRNGKey, config: TaskConfig, values: dict, batch_size: int, dtype: Any = None,
+            first: int = 0) -> TaskBatch:
     dtype = dtype if dtype is not None else jnp.zeros(()).dtype
     n, o = config.n_context, config.out_dim
     with rng.fixed_mode():
         pool = None if config.pool_size is None else task_pool(config, dtype, values["w_scale"])
         # Task i from fold_in(key, i) alone: the same task whatever the batch size or device (see iclgd_synth.rng).
         x_all, y_all, w = jax.vmap(lambda k: _draw_task(k, config, values, pool, dtype))(
-            rng.index_keys(key, batch_size))
+            rng.index_keys(key, batch_size, first))
     if o == 1:
         y_all, w = y_all[..., 0], w[:, 0]
     return TaskBatch(x=x_all[:, :n], y=y_all[:, :n], x_query=x_all[:, n], y_query=y_all[:, n], w=w)

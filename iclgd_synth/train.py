@@ -24,7 +24,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -294,6 +294,87 @@ def step_loop(step: Callable, n: int) -> Callable:
     return chunk
 
 
+def update_step(config: TrainConfig, optimizer: optax.GradientTransformation) -> Callable:
+    """One optimiser step on a batch given in parts (for all seeds): (params_S, opt_S, parts) -> (params_S, opt_S,
+    losses_S), ``parts`` a tuple of TaskBatches (leading axes S x B_part), concatenated over tasks in order. With the
+    parts of :func:`make_step`'s batch, the same step (bit for bit; tested)."""
+
+    def step_fn(params, opt_state, parts):
+        batch = jax.tree.map(lambda *a: jnp.concatenate(a), *parts) if len(parts) > 1 else parts[0]
+        loss, grads = jax.value_and_grad(objective_loss(config))(params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.vmap(step_fn)
+
+
+#: Tasks per device below which drawing a step's tasks on several devices is not worth the transfers.
+MIN_TASKS_PER_DEVICE = 256
+
+
+def task_parts(batch_size: int, n_devices: int) -> tuple[tuple[int, int], ...]:
+    """(first task, number of tasks) drawn by each device in :func:`sharded_step_loop`: device 0, which also runs
+    the update, draws half a share, every other device a full share (all tasks, in order)."""
+    n = max(1, min(n_devices, batch_size // MIN_TASKS_PER_DEVICE))
+    if n == 1:
+        return ((0, batch_size),)
+    share = 2 * batch_size / (2 * n - 1)
+    bounds = [0] + [round(share / 2 + i * share) for i in range(n - 1)] + [batch_size]
+    return tuple((a, b - a) for a, b in zip(bounds, bounds[1:]))
+
+
+def sharded_step_loop(config: TrainConfig, n: int, devices: Sequence[Any]) -> Callable:
+    """``n`` steps, with the signature and result of a :func:`make_chunk` chunk, each step's tasks drawn in parts on
+    ``devices`` at once (:func:`task_parts`) and the update on ``devices[0]``; step s + 1's tasks are drawn while
+    step s updates.
+
+    The form used on a CPU split into several host devices (the command line gives one per core): drawing the tasks
+    is most of a step there, and the host devices run in parallel. Every task comes from its own key, so the batch,
+    and every number of the run, is the one :func:`step_loop` gives on one device (tested)."""
+    parts = task_parts(config.batch_size, len(devices))
+    devices = list(devices)[:len(parts)]
+    update = _jitted_update(config.compute_key())
+    draw = _jitted_draw(config.task)
+
+    def chunk(params, opt_state, data_keys, start):
+        keys = [jax.device_put(data_keys, d) for d in devices]
+
+        def draw_all(step):
+            return tuple(jax.device_put(draw(k, step, first, size), devices[0])
+                         for k, (first, size) in zip(keys, parts))
+
+        params, opt_state = jax.device_put((params, opt_state), devices[0])
+        batch, losses = draw_all(start), []
+        for i in range(n):
+            following = draw_all(start + i + 1) if i + 1 < n else None  # queued before the update: drawn meanwhile
+            params, opt_state, loss = update(params, opt_state, batch)
+            losses.append(loss)
+            batch = following
+        return params, opt_state, jnp.stack(losses, axis=1)
+
+    return chunk
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_update(key: TrainConfig) -> Callable:
+    return jax.jit(update_step(key, make_optimizer(key)))
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_draw(task: TaskConfig) -> Callable:
+    def draw(data_keys, step, first, size):
+        return jax.vmap(lambda k: sample(jax.random.fold_in(k, step), task, size, first=first))(data_keys)
+
+    return jax.jit(draw, static_argnames=("first", "size"))
+
+
+def training_devices() -> list:
+    """The devices :func:`train` draws tasks on: every local device when they are CPU devices (several host devices:
+    :func:`sharded_step_loop`), else the default one."""
+    devices = jax.local_devices()
+    return devices if jax.default_backend() == "cpu" and all(d.platform == "cpu" for d in devices) else devices[:1]
+
+
 def uses_step_loop() -> bool:
     """Whether training runs chunks as :func:`step_loop` (on the CPU backend) rather than as one scan."""
     return jax.default_backend() == "cpu"
@@ -307,6 +388,9 @@ def _jitted_step(key: TrainConfig) -> Callable:
 @functools.lru_cache(maxsize=32)
 def _chunk_for_key(key: TrainConfig, n: int) -> Callable:
     if uses_step_loop():
+        devices = training_devices()
+        if len(task_parts(key.batch_size, len(devices))) > 1:
+            return sharded_step_loop(key, n, devices)
         return step_loop(_jitted_step(key), n)
     return make_chunk(key, make_optimizer(key), n)
 
