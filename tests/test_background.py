@@ -40,13 +40,23 @@ def test_environment_turns_the_worker_off(monkeypatch):
         assert not background.Jobs().in_worker
 
 
+# The jobs live in a module of their own, so the worker does not import the package (JAX) to unpickle them.
+JOBS = """
+def _square(x):
+    return x * x
+
+
+def _fail(message):
+    raise ValueError(message)
+"""
+
 SCRIPT = """
 import os, sys
 # Top-level code without a __main__ guard: a spawned worker that imported this file would append a second line.
 with open(sys.argv[1], "a") as f:
     f.write("ran\\n")
 from iclgd_synth import background
-from tests.test_background import _square, _fail
+from jobs_for_the_worker import _square, _fail
 
 with background.enabled():
     jobs = background.Jobs()
@@ -69,9 +79,9 @@ print("ok")
 def test_worker_process_results_errors_and_no_rerun_of_the_callers_script(tmp_path):
     script = tmp_path / "unguarded.py"
     script.write_text(textwrap.dedent(SCRIPT))
+    (tmp_path / "jobs_for_the_worker.py").write_text(JOBS)
     marker = tmp_path / "marker.txt"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop(background.ENV, None)
     out = subprocess.run([sys.executable, str(script), str(marker)], capture_output=True, text=True, env=env,
                          timeout=240)
