@@ -314,8 +314,9 @@ MIN_TASKS_PER_DEVICE = 256
 
 def task_parts(batch_size: int, n_devices: int) -> tuple[tuple[int, int], ...]:
     """(first task, number of tasks) drawn by each device in :func:`sharded_step_loop`: device 0, which also runs
-    the update, draws half a share, every other device a full share (all tasks, in order)."""
-    n = max(1, min(n_devices, batch_size // MIN_TASKS_PER_DEVICE))
+    the update, draws half a share, every other device a full share (all tasks, in order). At most one device per
+    CPU core and :data:`MIN_TASKS_PER_DEVICE` tasks per device."""
+    n = max(1, min(n_devices, os.cpu_count() or 1, batch_size // MIN_TASKS_PER_DEVICE))
     if n == 1:
         return ((0, batch_size),)
     share = 2 * batch_size / (2 * n - 1)

@@ -15,11 +15,12 @@ from iclgd_synth.train import MIN_TASKS_PER_DEVICE, TrainConfig, task_parts, tra
 
 
 @pytest.mark.parametrize("batch, devices", [(2048, 2), (2048, 3), (2048, 8), (1000, 2), (300, 2), (2048, 1)])
-def test_task_parts_cover_every_task_once_in_order(batch, devices):
+def test_task_parts_cover_every_task_once_in_order(monkeypatch, batch, devices):
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
     parts = task_parts(batch, devices)
     assert parts[0][0] == 0 and sum(size for _, size in parts) == batch
     assert all(a + n == b for (a, n), (b, _) in zip(parts, parts[1:]))
-    assert len(parts) == max(1, min(devices, batch // MIN_TASKS_PER_DEVICE))
+    assert len(parts) == max(1, min(devices, 4, batch // MIN_TASKS_PER_DEVICE))
     if len(parts) > 1:  # device 0 also updates: it draws about half as many tasks as the others
         assert parts[0][1] < min(size for _, size in parts[1:])
         assert all(size >= MIN_TASKS_PER_DEVICE // 2 for _, size in parts)
@@ -28,7 +29,8 @@ def test_task_parts_cover_every_task_once_in_order(batch, devices):
 CONFIG = dict(batch_size=512, n_steps=6, chunk_steps=3, seeds=(0, 1))
 
 SCRIPT = """
-import sys
+import os, sys
+os.cpu_count = lambda: 2  # two devices' worth of cores on any machine (task_parts caps parts at the core count)
 import jax, numpy as np
 from iclgd_synth.train import TrainConfig, train, task_parts, training_devices
 assert len(training_devices()) == 2, jax.devices()
