@@ -1,9 +1,9 @@
 """Figures drawn in a worker process while the main process goes on computing (the command line's studies).
 
-Training a model keeps one core of a small machine busy and leaves the other mostly idle; drawing the main job's
-six weight-comparison figures takes about 7 s of Python (matplotlib). :class:`Jobs` hands such work to one worker
-process, started when the study starts (its imports overlap training), and waits for it where the results are
-needed. The numbers do not change: the worker draws figures from data the main process computed.
+Drawing the main job's six weight-comparison figures takes about 3 s of Python (matplotlib), time in which the
+main process could run its out-of-distribution sweeps. :class:`Jobs` hands such work to one worker process,
+started when the study starts (its imports overlap training), and waits for it where the results are needed. The
+numbers do not change: the worker draws figures from data the main process computed.
 
 The worker is used only inside :func:`enabled` (the command line turns it on: it knows its ``__main__`` module is
 safe to import in a child process, which a user's script or notebook may not be) and never under

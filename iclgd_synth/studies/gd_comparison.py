@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -139,12 +138,6 @@ def compute(config: GDComparisonConfig, run: Run) -> dict[str, Any]:
     if k > 1 and hand_pp is not None:
         hand_layers["hand GD++ construction"] = M.per_layer_losses(hand_pp, eval_batch)
 
-    # The baselines' out-of-distribution sweeps do not depend on training: a thread runs them while the models
-    # train (XLA runs both at once; training alone keeps about one core busy). The same tasks either way.
-    ood_pool = ThreadPoolExecutor(max_workers=1) if config.ood else None
-    ood_baselines = (ood_pool.submit(_ood_sweeps, {**predictors, "least squares": LeastSquares()}, task,
-                                     config.eval_tasks) if ood_pool is not None else None)
-
     results: dict[str, Any] = {}
     results_params: dict[str, list] = {}
     arrays: dict[str, np.ndarray] = {}
@@ -181,27 +174,15 @@ def compute(config: GDComparisonConfig, run: Run) -> dict[str, Any]:
     llm = (_llm_comparison(config, first_params[first], out / "weights", run.progress, jobs)
            if config.llm_weights else None)
     ood = {}
-    if ood_baselines is not None:
-        base = ood_baselines.result()
-        ood_pool.shutdown()
-        done = set(next(iter(base.values()))["losses"])
-        trained_ood = _ood_sweeps({name: p for name, p in predictors.items() if name not in done}, task,
-                                  config.eval_tasks)
-        order = [*predictors, "least squares"]
+    if config.ood:
+        ood_predictors = {**predictors, "least squares": LeastSquares()}
         for sweep in M.OOD_SWEEPS:
-            losses = {**base[sweep]["losses"], **trained_ood[sweep]["losses"]}
-            ood[sweep] = {"values": base[sweep]["values"], "losses": {name: losses[name] for name in order}}
-
+            ood[sweep] = M.ood_sweep(ood_predictors, task, sweep, n_tasks=config.eval_tasks)
     exact = _exact_optimum(config, tuned.eta, eval_batch, first_result_params=results_params[first])
     jobs.wait()
     return {**baselines, **{k_: v for k_, v in results[first].items() if k_ != "history"},
             "models": results, "hand_per_layer_losses": hand_layers, "ood": ood, "llm_weights": llm, "exact": exact,
             "input_second_moment": M.input_second_moment(task)}
-
-
-def _ood_sweeps(predictors: dict[str, Any], task, n_tasks: int) -> dict[str, Any]:
-    """Every out-of-distribution sweep of :data:`metrics.OOD_SWEEPS` for ``predictors`` (fixed tasks per point)."""
-    return {sweep: M.ood_sweep(predictors, task, sweep, n_tasks=n_tasks) for sweep in M.OOD_SWEEPS}
 
 
 def _exact_optimum(config: GDComparisonConfig, tuned_eta: float, eval_batch, *, first_result_params: list
