@@ -15,6 +15,7 @@ one ``iclgd: error: ...`` line and exit status 2; Ctrl-C ends with a line saying
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 
@@ -49,18 +50,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, whole_process: bool = False) -> int:
+    """Run one command; returns its exit status. ``whole_process``: this call owns the process (the ``iclgd``
+    console script, ``python -m iclgd_synth.cli``, an ``experiments/`` script), so it may also split the CPU into one
+    JAX host device per core (:mod:`iclgd_synth.host_devices`) and draw figures in a worker process
+    (:mod:`iclgd_synth.background`); called from other code (tests, notebooks) it changes neither."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else "")
     args = parser.parse_args(argv)
-    try:
-        from iclgd_synth import host_devices
+    if whole_process:
+        try:
+            from iclgd_synth import host_devices
 
-        host_devices.one_per_core()  # before JAX starts: one host device per core (iclgd_synth.host_devices)
-    except ValueError as e:
-        print(f"iclgd {args.command}: error: {e}", file=sys.stderr)
-        return 2
+            host_devices.one_per_core()  # before JAX starts its backend
+        except ValueError as e:
+            print(f"iclgd {args.command}: error: {e}", file=sys.stderr)
+            return 2
     if args.command in CACHED_COMMANDS:
         from iclgd_synth import compile_cache
 
@@ -68,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from iclgd_synth import background
 
-        # This process's __main__ is safe to import in a child process: figures may be drawn by a worker.
-        with background.enabled():
+        # The process's __main__ is ours: figures may be drawn by a worker process.
+        with background.enabled() if whole_process else contextlib.nullcontext():
             return int(importlib.import_module(args._module).main(args) or 0)
     except KeyboardInterrupt:
         print("\niclgd: interrupted. Finished results and training checkpoints are kept; run the same command again "
@@ -80,17 +86,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> int:
+    """The ``iclgd`` console script: :func:`main` owning the process."""
+    return main(whole_process=True)
+
+
 def run_experiment(name: str, script: str, argv: list[str] | None = None) -> int:
     """``iclgd run NAME ARGV`` for the script ``experiments/NAME.py``: run directories go to ``runs/`` beside the
     ``experiments/`` folder (the checkout's root) unless ``--root`` is given, so a script started from inside
-    ``experiments/`` finds the same finished runs as ``iclgd run`` from the root."""
+    ``experiments/`` finds the same finished runs as ``iclgd run`` from the root. Started as a program (the script is
+    the process's ``__main__``), it owns the process as the ``iclgd`` command does."""
+    import os
     from pathlib import Path
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if not any(a == "--root" or a.startswith("--root=") for a in argv):
         argv += ["--root", str(Path(script).resolve().parent.parent / "runs")]
-    return main(["run", name, *argv])
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    owns = main_file is not None and os.path.abspath(main_file) == os.path.abspath(script)
+    return main(["run", name, *argv], whole_process=owns)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(whole_process=True))

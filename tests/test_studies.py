@@ -4,6 +4,7 @@ report without recomputing, a forced recomputation that keeps the old results un
 expectations table and the benchmark's quick mode."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -398,10 +399,15 @@ def test_study_config_rejects_llm_max_layers_below_one():
 def test_experiment_scripts_write_runs_beside_the_experiments_folder(monkeypatch, tmp_path):
     from iclgd_synth import cli
 
-    seen = []
-    monkeypatch.setattr(cli, "main", lambda argv: seen.append(argv) or 0)
+    seen, owned = [], []
+    monkeypatch.setattr(cli, "main", lambda argv, whole_process: seen.append(argv) or owned.append(whole_process) or 0)
     script = tmp_path / "checkout" / "experiments" / "vonoswald.py"
     assert cli.run_experiment("vonoswald", str(script), ["--quick"]) == 0
     assert seen[-1] == ["run", "vonoswald", "--quick", "--root", str(tmp_path / "checkout" / "runs")]
     cli.run_experiment("vonoswald", str(script), ["--root", "elsewhere"])
     assert seen[-1] == ["run", "vonoswald", "--root", "elsewhere"]
+    # Called from other code (here pytest), the script does not own the process: no host devices, no worker.
+    assert owned == [False, False]
+    monkeypatch.setattr(sys.modules["__main__"], "__file__", str(script), raising=False)
+    cli.run_experiment("vonoswald", str(script), [])
+    assert owned[-1] is True
