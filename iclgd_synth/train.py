@@ -6,7 +6,8 @@ weight decay by default) behind global-norm gradient clipping.
 
 Speed and reproducibility:
 - on accelerators, whole chunks of ``chunk_steps`` steps are one jit-compiled ``lax.scan``; on CPU, one jitted step
-  per call, which is faster there (:func:`step_loop` says why); either way tasks are sampled inside from
+  per call (:func:`step_loop`), each step's tasks drawn on every host device at once when the CPU is split into
+  several (:func:`sharded_step_loop`, the same numbers bit for bit); either way tasks are sampled from
   ``fold_in(data_key, step)`` (task i from ``fold_in`` of that, :mod:`iclgd_synth.rng`), so step s always sees the
   same tasks, whatever the chunking, the batch's device or interruptions;
 - several seeds train at once under ``vmap`` (leading seed axis S on every parameter);
@@ -277,12 +278,11 @@ def vmapped_step(config: TrainConfig, optimizer: optax.GradientTransformation) -
 def step_loop(step: Callable, n: int) -> Callable:
     """``n`` calls of a jitted ``step`` from Python, with the signature and result of a :func:`make_chunk` chunk.
 
-    The form used on CPU. XLA's CPU backend spreads the large elementwise kernels (here the random-number generation,
-    most of a step's work) over the cores only at the top level of a program, not inside a ``lax.scan`` body: on
-    the 2-core development machine the ``vonoswald`` preset trained at 1.25M tasks/s with one jitted step per call
-    against 0.84M tasks/s as a 200-step scan (``iclgd bench``: "per-step calls" vs "scan-jitted chunks"). Dispatch
-    is asynchronous, so Python waits only when the losses are read. Accelerators keep the scan, which saves a
-    dispatch per step."""
+    The form used on CPU with one device (with several, :func:`sharded_step_loop`). On the 2-core development machine
+    it was faster than a scan in some states of the machine (1.25M against 0.84M tasks/s for the ``vonoswald``
+    preset) and as fast in others (0.84M against 0.84M, ``iclgd bench``: "per-step calls" vs "scan-jitted chunks");
+    it is also the form that lets several host devices work at once. Dispatch is asynchronous, so Python waits only
+    when the losses are read. Accelerators keep the scan, which saves a dispatch per step."""
 
     def chunk(params, opt_state, data_keys, start):
         losses = []
