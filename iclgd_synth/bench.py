@@ -46,14 +46,14 @@ def bench_training(steps: int = 200, batch_size: int = 2048, repeats: int = 3) -
     """Tasks/s of the ``vonoswald`` preset's training step in each form: scan-jitted chunks, a Python loop over one
     jitted step, and (with several host devices) that loop drawing each step's tasks on every device; and the form
     :func:`~iclgd_synth.train.train` uses here."""
-    from iclgd_synth.train import (TrainConfig, init_state, make_chunk, make_optimizer, sharded_step_loop,
-                                   step_loop, task_parts, training_devices, uses_step_loop, vmapped_step)
+    from iclgd_synth.train import (TrainConfig, _jitted_step, init_state, make_chunk, make_optimizer,
+                                   sharded_step_loop, step_loop, task_parts, training_devices, uses_step_loop)
 
     config = TrainConfig(batch_size=batch_size, n_steps=steps, chunk_steps=steps)
     optimizer = make_optimizer(config)
     params, opt_state, keys = init_state(config)
     forms = {"scan": make_chunk(config, optimizer, steps),
-             "loop": step_loop(jax.jit(vmapped_step(config, optimizer)), steps)}
+             "loop": step_loop(_jitted_step(config.compute_key()), steps)}
     devices = training_devices()
     n_parts = len(task_parts(batch_size, len(devices)))
     if n_parts > 1:

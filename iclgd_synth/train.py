@@ -244,13 +244,29 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 def make_step(config: TrainConfig, optimizer: optax.GradientTransformation) -> Callable:
     """One optimiser step for one seed: (params, opt_state, data_key, step) -> (params, opt_state, loss)."""
 
+    update = _update_fn(config, optimizer)
+
     def step_fn(params, opt_state, data_key, step):
-        batch = sample(jax.random.fold_in(data_key, step), config.task, config.batch_size)
+        return update(params, opt_state, step_tasks(config.task, data_key, step, config.batch_size))
+
+    return step_fn
+
+
+def step_tasks(task: TaskConfig, data_key: jax.Array, step: Any, size: int, first: int = 0):
+    """The tasks of training step ``step``: rows ``first`` .. ``first + size - 1`` of the batch drawn from
+    ``fold_in(data_key, step)``."""
+    return sample(jax.random.fold_in(data_key, step), task, size, first=first)
+
+
+def _update_fn(config: TrainConfig, optimizer: optax.GradientTransformation) -> Callable:
+    """(params, opt_state, batch) -> (params, opt_state, loss): one optimiser step on ``batch`` for one seed."""
+
+    def update(params, opt_state, batch):
         loss, grads = jax.value_and_grad(objective_loss(config))(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return step_fn
+    return update
 
 
 def make_chunk(config: TrainConfig, optimizer: optax.GradientTransformation, n: int) -> Callable:
@@ -299,11 +315,11 @@ def update_step(config: TrainConfig, optimizer: optax.GradientTransformation) ->
     losses_S), ``parts`` a tuple of TaskBatches (leading axes S x B_part), concatenated over tasks in order. With the
     parts of :func:`make_step`'s batch, the same step (bit for bit; tested)."""
 
+    update = _update_fn(config, optimizer)
+
     def step_fn(params, opt_state, parts):
         batch = jax.tree.map(lambda *a: jnp.concatenate(a), *parts) if len(parts) > 1 else parts[0]
-        loss, grads = jax.value_and_grad(objective_loss(config))(params, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return update(params, opt_state, batch)
 
     return jax.vmap(step_fn)
 
@@ -366,7 +382,7 @@ def _jitted_update(key: TrainConfig) -> Callable:
 @functools.lru_cache(maxsize=32)
 def _jitted_draw(task: TaskConfig) -> Callable:
     def draw(data_keys, step, first, size):
-        return jax.vmap(lambda k: sample(jax.random.fold_in(k, step), task, size, first=first))(data_keys)
+        return jax.vmap(lambda k: step_tasks(task, k, step, size, first))(data_keys)
 
     return jax.jit(draw, static_argnames=("first", "size"))
 
@@ -374,8 +390,8 @@ def _jitted_draw(task: TaskConfig) -> Callable:
 def training_devices() -> list:
     """The devices :func:`train` draws tasks on: every local device when they are CPU devices (several host devices:
     :func:`sharded_step_loop`), else the default one."""
-    devices = jax.local_devices()
-    return devices if jax.default_backend() == "cpu" and all(d.platform == "cpu" for d in devices) else devices[:1]
+    devices = jax.local_devices()  # the default backend's
+    return devices if jax.default_backend() == "cpu" else devices[:1]
 
 
 def uses_step_loop() -> bool:

@@ -102,11 +102,8 @@ def weights_report(llm_sources: Sequence[str | Path | WeightSource], out_dir: st
     if figures:
         from iclgd_synth.background import Jobs
 
-        own = jobs is None
-        jobs = Jobs(inline=True) if own else jobs
-        files.update(_figures(out_dir, llms, rest, n_rows, jobs))
-        if own:
-            jobs.wait()
+        # Inline jobs are done when submitted (and raise there).
+        files.update(_figures(out_dir, llms, rest, n_rows, jobs if jobs is not None else Jobs(inline=True)))
     summary_md = summary_table(summary, [l.name for l in llms], [o.name for o in rest], short)
     seconds = time.perf_counter() - t0
     md = _markdown(llms, rest, rows, summary_md, counts, short, n_rows, trained_note, files, seconds)
