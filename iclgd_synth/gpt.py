@@ -17,7 +17,9 @@ learning for regression":
   sees x_1, y_1, ..., x_i only: predictions (B, N+1), column n the prediction from the first n pairs.
 
 Parameters are :class:`GPTParams`: a plain pytree of arrays (``weights``, the per-layer arrays stacked on a leading
-layer axis L and run under ``lax.scan``) with the static :class:`GPTConfig` in its tree structure, so
+layer axis L and run under ``lax.scan`` unrolled: on this project's CPU a rolled scan made a training step
+of the transience preset 29 ms against 21 ms unrolled, its backward pass slicing and updating the stacked
+activations) with the static :class:`GPTConfig` in its tree structure, so
 ``jax.vmap(init_gpt, (0, None))`` trains seeds together and optax updates apply directly. ``params(batch)`` gives the
 query prediction (B,), the call shape of every learner and of :class:`~iclgd_synth.model.TransformerParams`.
 
@@ -297,7 +299,8 @@ def _position_outputs(params: GPTParams, tokens_BxTxD: Array) -> Array:
     if config.positions:
         h = h + w["pos"][:t]
     mask_TxT = jnp.tril(jnp.ones((t, t), bool))
-    h, _ = jax.lax.scan(lambda x, p: (_block(x, p, config.attention, mask_TxT), None), h, w["blocks"])
+    block = lambda x, p: (_block(x, p, config.attention, mask_TxT), None)  # noqa: E731
+    h, _ = jax.lax.scan(block, h, w["blocks"], unroll=True)  # unrolled: see the module docstring
     h_x = layer_norm(h[:, ::2], w["ln_f"], LN_EPS)  # the x tokens x_1, ..., x_n, x_q
     return h_x @ w["read_out"]["w"] + w["read_out"]["b"]
 
