@@ -17,8 +17,8 @@ predictors' predictions on them once; :func:`evaluate_rows` gives every model of
 per-position losses and distances on both in one compiled call.
 
 :func:`summarize_curve` reads one run's curves over training (fresh-task loss, distances to ridge and dMMSE on fresh
-tasks) into the study's quantities: t* (the evaluation step of the lowest fresh-task loss), the ridge-ness
-r = d_dMMSE / (d_ridge + d_dMMSE) (1 at ridge, 0 at dMMSE, 1/2 equidistant; smoothed over a few evaluations) at its
+tasks) into the study's quantities: t* (the evaluation step of the lowest fresh-task loss, smoothed like r), the
+ridge-ness r = d_dMMSE / (d_ridge + d_dMMSE) (1 at ridge, 0 at dMMSE, 1/2 equidistant; smoothed over a few evaluations) at its
 peak and at the end, whether ICL emerged and whether it faded (the thresholds are this package's definitions,
 stated in :class:`CurveThresholds`, not the papers'). :func:`fit_power_law` fits t* = a M^b by least squares in
 log-log.
@@ -163,7 +163,8 @@ class CurveThresholds:
         end of training; in (0, 1]. Default 0.05.
       side: the final state is "ridge" when the final smoothed r >= 1/2 + side, "dMMSE" when <= 1/2 - side, else
         "between"; in [0, 0.5]. Default 0.05.
-      smooth: evaluations in the moving average (odd, >= 1; 1 = none). Default 3.
+      smooth: evaluations in the moving average of r and of the fresh-task loss (t* is read on the smoothed loss);
+        odd, >= 1; 1 = none. Default 3.
     """
 
     emerged: float = 0.55
@@ -181,15 +182,16 @@ class CurveThresholds:
             raise ValueError(f"smooth must be an odd integer >= 1 (a centred window), got {self.smooth}")
 
 
-def smoothed(values: Any, window: int) -> np.ndarray:
+def smoothed(values: Any, window: int, *, end_mean: bool = True) -> np.ndarray:
     """Centred moving average over ``window`` (odd) points, the window shrinking symmetrically near the ends (the
-    first point is kept), except the last point: the mean of the last ``window`` points (the state at the end of
-    training, averaged over the final evaluations)."""
+    first point is kept), except, with ``end_mean``, the last point: the mean of the last ``window`` points (the
+    state at the end of training, averaged over the final evaluations). Without it the last point is kept too (for
+    locating a minimum: a curve still falling at the end then has its minimum at the end)."""
     v = np.asarray(values, np.float64)
     h = window // 2
     out = np.array([v[max(0, i - min(h, i, len(v) - 1 - i)):i + min(h, i, len(v) - 1 - i) + 1].mean()
                     for i in range(len(v))])
-    if len(v):
+    if len(v) and end_mean:
         out[-1] = v[-min(window, len(v)):].mean()
     return out
 
@@ -205,8 +207,8 @@ def summarize_curve(steps: Sequence[int], loss_fresh: Sequence[float], d_ridge: 
                     d_dmmse: Sequence[float], zero_ridge: float,
                     thresholds: CurveThresholds = CurveThresholds()) -> dict[str, Any]:
     """One run's curves over training (each (T,) at the evaluation ``steps``: the fresh-task loss and the distances
-    to ridge and to dMMSE on fresh tasks, averaged over positions) read as: t* (step of the lowest fresh-task loss)
-    and whether that minimum is interior, the peak ridge-ness (max r, its step, the distance to ridge there), the
+    to ridge and to dMMSE on fresh tasks, averaged over positions) read as: t* (step of the lowest fresh-task loss,
+    smoothed like r; ``min_loss`` is that smoothed minimum) and whether that minimum is interior, the peak ridge-ness (max r, its step, the distance to ridge there), the
     final r, distances and state, ``emerged`` and ``transient`` (:class:`CurveThresholds`). ``zero_ridge``: the zero
     predictor's distance to ridge on the same tasks (the scale of "no ICL at all")."""
     steps = np.asarray(steps, np.int64)
@@ -221,14 +223,16 @@ def summarize_curve(steps: Sequence[int], loss_fresh: Sequence[float], d_ridge: 
                 "final_d_dmmse": nan, "final_state": "diverged", "emerged": False, "transient": False}
     r = ridgeness(dr, dd)
     r = smoothed(np.where(np.isfinite(r), r, 0.5), thresholds.smooth)
-    i_loss = int(np.argmin(loss))
+    # t* on the smoothed loss too: on a flat stretch one evaluation's fluctuation would otherwise pick it.
+    loss_s = smoothed(loss, thresholds.smooth, end_mean=False)
+    i_loss = int(np.argmin(loss_s))
     i_peak = int(np.argmax(r))
     emerged = bool(r[i_peak] >= thresholds.emerged and dr[i_peak] <= thresholds.zero_ratio * zero_ridge)
     fell = float(r[i_peak] - r[-1])
     final = float(r[-1])
     state = "ridge" if final >= 0.5 + thresholds.side else "dMMSE" if final <= 0.5 - thresholds.side else "between"
     return {"t_star": int(steps[i_loss]), "interior_minimum": bool(i_loss < steps.size - 1),
-            "min_loss": float(loss[i_loss]), "final_loss": float(loss[-1]), "peak_ridgeness": float(r[i_peak]),
+            "min_loss": float(loss_s[i_loss]), "final_loss": float(loss[-1]), "peak_ridgeness": float(r[i_peak]),
             "peak_step": int(steps[i_peak]), "peak_d_ridge": float(dr[i_peak]), "final_ridgeness": final,
             "final_d_ridge": float(dr[-1]), "final_d_dmmse": float(dd[-1]), "final_state": state,
             "emerged": emerged, "transient": bool(emerged and fell >= thresholds.faded)}

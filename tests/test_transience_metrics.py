@@ -128,6 +128,21 @@ def test_one_noisy_evaluation_is_not_a_transient_once_smoothed():
     assert not summarize_curve(steps, loss, dr, dd, zero_ridge=0.6)["transient"]
 
 
+def test_t_star_is_read_on_the_smoothed_fresh_loss():
+    # A flat stretch with one low evaluation at step 500: unsmoothed, t* is that evaluation; smoothed over 3, the
+    # centre of the lowest 3-point mean (steps 300-500).
+    loss = np.asarray([1.0, 0.6, 0.5, 0.51, 0.5, 0.45, 0.53, 0.58, 0.62, 0.65])
+    steps, loss, dr, dd = _curves(np.full(10, 0.1), np.full(10, 0.2), loss)
+    assert summarize_curve(steps, loss, dr, dd, zero_ridge=0.6, thresholds=CurveThresholds(smooth=1))["t_star"] == 500
+    s = summarize_curve(steps, loss, dr, dd, zero_ridge=0.6)
+    assert s["t_star"] == 400 and s["interior_minimum"]
+    assert s["min_loss"] == pytest.approx((0.51 + 0.5 + 0.45) / 3) and s["final_loss"] == 0.65
+    # Still falling at the end: the minimum is the last evaluation (not interior).
+    steps, loss, dr, dd = _curves(np.full(5, 0.1), np.full(5, 0.2), np.asarray([1.0, 0.8, 0.7, 0.65, 0.62]))
+    s = summarize_curve(steps, loss, dr, dd, zero_ridge=0.6)
+    assert s["t_star"] == 400 and not s["interior_minimum"]
+
+
 def test_ridge_throughout_is_not_transient_and_memorising_never_emerges():
     steps, loss, dr, dd = _curves([0.6, 0.3, 0.1, 0.05, 0.04], [0.5, 0.45, 0.4, 0.4, 0.4])
     s = summarize_curve(steps, loss, dr, dd, zero_ridge=0.6)

@@ -48,7 +48,7 @@ def render(config, metrics: dict[str, Any], out: Path) -> str:
              f"zero predictor's; *transient* when it emerged and r then fell by >= {th.faded:g} by the end; the final "
              f"state is ridge / dMMSE / between at r >= {0.5 + th.side:g} / <= {0.5 - th.side:g} / else; t* is the "
              "evaluation step of the lowest fresh-task "
-             "loss. Intervals are 95% Student-t over seeds.", ""]
+             "loss (smoothed like r). Intervals are 95% Student-t over seeds.", ""]
     lines += ["## The two Bayes predictors on the evaluation tasks", "",
               "Half-MSE averaged over n; D(ridge, dMMSE) is their distance, the scale of the model's distances.", ""]
     rows = []
