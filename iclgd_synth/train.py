@@ -42,7 +42,7 @@ from iclgd_synth.storage import CheckpointError, load_checkpoint as _load_tree, 
 from iclgd_synth.storage import stable_hash, write_bytes_atomic
 from iclgd_synth.validation import check_choice, check_float, check_int, check_memory, warn_slow_compile
 
-SCHEDULES = ("constant", "cosine", "warmup_cosine")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "warmup_constant")
 OBJECTIVES = ("icl", "next_token")
 
 
@@ -64,10 +64,11 @@ class TrainConfig:
         0.98.
       weight_decay: AdamW decoupled weight decay. Default 0.
       clip_norm: global gradient-norm clip; None disables. Default 10 (the paper's text; its code uses 1e-3).
-      schedule: "constant", "cosine" (decay to 0 at ``n_steps``) or "warmup_cosine" (linear warm-up from 0 to ``lr``
-        over ``warmup_steps``, then cosine decay to 0 at ``n_steps``). Default "constant".
-      warmup_steps: linear warm-up length in steps; only for "warmup_cosine", where it must be in [0, n_steps - 1]
-        (0: no warm-up). Default 0.
+      schedule: "constant", "cosine" (decay to 0 at ``n_steps``), "warmup_cosine" (linear warm-up from 0 to ``lr``
+        over ``warmup_steps``, then cosine decay to 0 at ``n_steps``) or "warmup_constant" (the same warm-up, then
+        ``lr`` to the end: for studies of late training, e.g. transience). Default "constant".
+      warmup_steps: linear warm-up length in steps; only for the two "warmup_*" schedules, where it must be in
+        [0, n_steps - 1] (0: no warm-up). Default 0.
       seeds: seeds trained together under vmap (init and data differ per seed): a tuple of different integers
         >= 0, e.g. (0, 1, 2). Default (0,).
       objective: what the loss reads: "icl" (the query only: the reference paper's in-context objective) or
@@ -113,15 +114,16 @@ class TrainConfig:
         if self.clip_norm is not None:
             check_float("clip_norm", self.clip_norm, min_value=0.0, strict_min=True)
         check_choice("schedule", self.schedule, SCHEDULES)
-        if self.schedule == "warmup_cosine":
-            # optax needs a positive decay phase after the warm-up ("requires positive decay_steps").
+        if self.schedule.startswith("warmup_"):
+            # optax needs a positive decay phase after the warm-up ("requires positive decay_steps"); a warm-up as
+            # long as the training would never reach lr.
             w = check_int("warmup_steps", self.warmup_steps, min_value=0)
             if w >= self.n_steps:
                 raise ValueError(f"warmup_steps must be in [0, n_steps - 1] = [0, {self.n_steps - 1}] for "
-                                 f"schedule='warmup_cosine' (the cosine decay needs at least one step), got {w}")
+                                 f"schedule={self.schedule!r} (at least one step after the warm-up), got {w}")
         elif check_int("warmup_steps", self.warmup_steps, min_value=0) > 0:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) only applies to schedule='warmup_cosine' "
-                             f"(in [0, n_steps - 1]); got schedule={self.schedule!r}")
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) only applies to schedule='warmup_cosine' or "
+                             f"'warmup_constant' (in [0, n_steps - 1]); got schedule={self.schedule!r}")
         if isinstance(self.seeds, (str, bytes)) or not hasattr(self.seeds, "__iter__"):
             raise TypeError(f"seeds must be a sequence of different integers >= 0 such as (0, 1, 2), got "
                             f"{self.seeds!r}" + (f"; for {self.seeds} seeds write seeds=tuple(range({self.seeds}))"
@@ -164,7 +166,7 @@ class TrainConfig:
     def compute_key(self) -> "TrainConfig":
         """This config with the fields that do not change the compiled step set to fixed values: the seeds (traced
         data), the chunking and checkpointing, and n_steps when the learning rate does not depend on it."""
-        n = self.n_steps if self.schedule != "constant" else 1
+        n = {"constant": 1, "warmup_constant": self.warmup_steps + 1}.get(self.schedule, self.n_steps)
         return dataclasses.replace(self, n_steps=n, seeds=(0,), chunk_steps=1, checkpoint_every=1)
 
 
@@ -206,6 +208,10 @@ def learning_rate_schedule(config: TrainConfig) -> Callable[[Any], Any]:
         return optax.constant_schedule(config.lr)
     if config.schedule == "cosine":
         return optax.cosine_decay_schedule(config.lr, config.n_steps)
+    if config.schedule == "warmup_constant":
+        if config.warmup_steps == 0:
+            return optax.constant_schedule(config.lr)
+        return optax.linear_schedule(0.0, config.lr, config.warmup_steps)
     return optax.warmup_cosine_decay_schedule(0.0, config.lr, config.warmup_steps, config.n_steps)
 
 

@@ -17,11 +17,12 @@ predictors' predictions on them once; :func:`evaluate_rows` gives every model of
 per-position losses and distances on both in one compiled call.
 
 :func:`summarize_curve` reads one run's curves over training (fresh-task loss, distances to ridge and dMMSE on fresh
-tasks) into the study's quantities: t* (the evaluation step of the lowest fresh-task loss, smoothed like r), the
-ridge-ness r = d_dMMSE / (d_ridge + d_dMMSE) (1 at ridge, 0 at dMMSE, 1/2 equidistant; smoothed over a few evaluations) at its
-peak and at the end, whether ICL emerged and whether it faded (the thresholds are this package's definitions,
-stated in :class:`CurveThresholds`, not the papers'). :func:`fit_power_law` fits t* = a M^b by least squares in
-log-log.
+tasks) into the study's quantities: t* (the evaluation step of the lowest fresh-task loss, smoothed), the ICL gain
+(L_dMMSE - L) / (L_dMMSE - L_ridge) on fresh tasks at t* and at the end, the ridge-ness r = d_dMMSE / (d_ridge +
+d_dMMSE) (1 at ridge, 0 at dMMSE, 1/2 equidistant) at its peak and at the end, whether ICL emerged and whether it
+faded as the papers describe (the loss rising after t* while the model moves from ridge towards dMMSE; the thresholds
+are this package's definitions, stated in :class:`CurveThresholds`, not the papers'). :func:`fit_power_law` fits
+t* = a M^b by least squares in log-log.
 """
 
 from __future__ import annotations
@@ -151,31 +152,32 @@ def _evaluate_fn(forward):
 class CurveThresholds:
     """How a run's curves are read (this package's definitions; the papers show the curves without thresholds).
 
-    With r(t) = d_dMMSE / (d_ridge + d_dMMSE) on fresh tasks (position-averaged distances), smoothed by a centred
-    moving average over ``smooth`` evaluations (so that one noisy evaluation neither makes nor hides a peak):
+    The readings follow the pattern the issue and the papers describe -- the fresh-task loss has an interior minimum
+    at t*, after which the distance to ridge rises while the distance to dMMSE falls -- on curves smoothed by a
+    centred moving average over ``smooth`` evaluations (one noisy evaluation neither makes nor hides a minimum). The
+    scale is the gap between the two Bayes predictors on fresh tasks, G = L_dMMSE - L_ridge (position-averaged
+    half-MSE): the ICL gain of a model with fresh-task loss L is (L_dMMSE - L) / G (0 at dMMSE's loss, the best a
+    predictor that only picks among the pool's tasks can do; 1 at ridge's, the Bayes optimum).
 
     Attributes:
-      emerged: ICL counts as emerged when the smoothed r peaks at this value or more (closer to ridge than to dMMSE)
-        while the model is at most ``zero_ratio`` times as far from ridge as the zero predictor is; in [0.5, 1].
-        Default 0.55.
-      zero_ratio: see ``emerged``; in (0, 1]. Default 0.5.
-      faded: a run whose ICL emerged is transient when the smoothed r fell by at least this much from its peak to the
-        end of training; in (0, 1]. Default 0.05.
-      side: the final state is "ridge" when the final smoothed r >= 1/2 + side, "dMMSE" when <= 1/2 - side, else
-        "between"; in [0, 0.5]. Default 0.05.
-      smooth: evaluations in the moving average of r and of the fresh-task loss (t* is read on the smoothed loss);
-        odd, >= 1; 1 = none. Default 3.
+      emerged: ICL counts as emerged when the ICL gain at t* is at least this (the model predicts fresh tasks better
+        than any mixture of the memorised pool tasks, by this fraction of the way to ridge); in (0, 1]. Default 0.25.
+      faded: a run whose ICL emerged is transient when its smoothed fresh-task loss rises by at least this times G from
+        t* to the end of training while its distance to dMMSE falls and its distance to ridge rises over the same
+        stretch; in (0, 1]. Default 0.1.
+      side: the final state, read on the ridge-ness r = d_dMMSE / (d_ridge + d_dMMSE) (fresh tasks; 1 at ridge, 0 at
+        dMMSE) averaged over the last ``smooth`` evaluations: "ridge" when r >= 1/2 + side, "dMMSE" when
+        r <= 1/2 - side, else "between"; in [0, 0.5]. Default 0.05.
+      smooth: evaluations in the moving averages of the loss, the distances and r; odd, >= 1; 1 = none. Default 3.
     """
 
-    emerged: float = 0.55
-    zero_ratio: float = 0.5
-    faded: float = 0.05
+    emerged: float = 0.25
+    faded: float = 0.1
     side: float = 0.05
     smooth: int = 3
 
     def __post_init__(self):
-        check_float("emerged", self.emerged, min_value=0.5, max_value=1.0)
-        check_float("zero_ratio", self.zero_ratio, min_value=0.0, max_value=1.0, strict_min=True)
+        check_float("emerged", self.emerged, min_value=0.0, max_value=1.0, strict_min=True)
         check_float("faded", self.faded, min_value=0.0, max_value=1.0, strict_min=True)
         check_float("side", self.side, min_value=0.0, max_value=0.5)
         if check_int("smooth", self.smooth, min_value=1) % 2 == 0:
@@ -204,38 +206,54 @@ def ridgeness(d_ridge: Any, d_dmmse: Any) -> np.ndarray:
 
 
 def summarize_curve(steps: Sequence[int], loss_fresh: Sequence[float], d_ridge: Sequence[float],
-                    d_dmmse: Sequence[float], zero_ridge: float,
+                    d_dmmse: Sequence[float], ridge_loss: float, dmmse_loss: float,
                     thresholds: CurveThresholds = CurveThresholds()) -> dict[str, Any]:
-    """One run's curves over training (each (T,) at the evaluation ``steps``: the fresh-task loss and the distances
-    to ridge and to dMMSE on fresh tasks, averaged over positions) read as: t* (step of the lowest fresh-task loss,
-    smoothed like r; ``min_loss`` is that smoothed minimum) and whether that minimum is interior, the peak ridge-ness (max r, its step, the distance to ridge there), the
-    final r, distances and state, ``emerged`` and ``transient`` (:class:`CurveThresholds`). ``zero_ridge``: the zero
-    predictor's distance to ridge on the same tasks (the scale of "no ICL at all")."""
+    """One run's curves over training, read as :class:`CurveThresholds` defines.
+
+    ``steps`` (T,) are the evaluation steps; ``loss_fresh``, ``d_ridge``, ``d_dmmse`` (T,) the fresh-task loss and
+    the distances to ridge and to dMMSE on fresh tasks, averaged over positions; ``ridge_loss`` and ``dmmse_loss``
+    the two Bayes predictors' fresh-task losses on the same tasks (their gap G is the scale). Returns t* (step of the
+    lowest smoothed fresh-task loss; ``min_loss`` that minimum), whether it is interior, the ICL gain at t* and at the
+    end, the rise of the loss after t* (in units of G), the ridge-ness r at its peak (value, step, distance to ridge
+    there) and at the end, the final distances and state, ``emerged`` and ``transient``."""
     steps = np.asarray(steps, np.int64)
     loss, dr, dd = (np.asarray(v, np.float64) for v in (loss_fresh, d_ridge, d_dmmse))
     if not (steps.ndim == 1 and steps.size >= 1 and loss.shape == dr.shape == dd.shape == steps.shape):
         raise ValueError(f"steps, loss_fresh, d_ridge and d_dmmse must be 1-D of one length >= 1, got shapes "
                          f"{steps.shape}, {loss.shape}, {dr.shape}, {dd.shape}")
+    gap = float(dmmse_loss) - float(ridge_loss)
+    if not (np.isfinite(gap) and gap > 0):
+        raise ValueError(f"dmmse_loss must exceed ridge_loss on fresh tasks (ridge is their Bayes predictor), got "
+                         f"ridge_loss = {ridge_loss} and dmmse_loss = {dmmse_loss}")
     if not (np.all(np.isfinite(loss)) and np.all(np.isfinite(dr)) and np.all(np.isfinite(dd))):
         nan = float("nan")
-        return {"t_star": nan, "interior_minimum": False, "min_loss": nan, "final_loss": nan, "peak_ridgeness": nan,
-                "peak_step": nan, "peak_d_ridge": nan, "final_ridgeness": nan, "final_d_ridge": nan,
-                "final_d_dmmse": nan, "final_state": "diverged", "emerged": False, "transient": False}
+        return {"t_star": nan, "interior_minimum": False, "min_loss": nan, "final_loss": nan, "peak_gain": nan,
+                "final_gain": nan, "rise": nan, "peak_ridgeness": nan, "peak_step": nan, "peak_d_ridge": nan,
+                "final_ridgeness": nan, "final_d_ridge": nan, "final_d_dmmse": nan, "final_state": "diverged",
+                "emerged": False, "transient": False}
+    w = thresholds.smooth
     r = ridgeness(dr, dd)
-    r = smoothed(np.where(np.isfinite(r), r, 0.5), thresholds.smooth)
-    # t* on the smoothed loss too: on a flat stretch one evaluation's fluctuation would otherwise pick it.
-    loss_s = smoothed(loss, thresholds.smooth, end_mean=False)
+    r = smoothed(np.where(np.isfinite(r), r, 0.5), w)
+    # The minimum on the loss smoothed without the end average, so that a loss still falling at the end has its
+    # minimum there; the end state (loss and distances) averaged over the last evaluations.
+    loss_s = smoothed(loss, w, end_mean=False)
     i_loss = int(np.argmin(loss_s))
+    loss_end = float(smoothed(loss, w)[-1])
+    dr_s, dd_s = smoothed(dr, w), smoothed(dd, w)
     i_peak = int(np.argmax(r))
-    emerged = bool(r[i_peak] >= thresholds.emerged and dr[i_peak] <= thresholds.zero_ratio * zero_ridge)
-    fell = float(r[i_peak] - r[-1])
+    peak_gain = (float(dmmse_loss) - float(loss_s[i_loss])) / gap
+    rise = (loss_end - float(loss_s[i_loss])) / gap
+    emerged = bool(peak_gain >= thresholds.emerged)
+    moved = bool(dd_s[-1] < dd_s[i_loss] and dr_s[-1] > dr_s[i_loss])
     final = float(r[-1])
     state = "ridge" if final >= 0.5 + thresholds.side else "dMMSE" if final <= 0.5 - thresholds.side else "between"
     return {"t_star": int(steps[i_loss]), "interior_minimum": bool(i_loss < steps.size - 1),
-            "min_loss": float(loss_s[i_loss]), "final_loss": float(loss[-1]), "peak_ridgeness": float(r[i_peak]),
-            "peak_step": int(steps[i_peak]), "peak_d_ridge": float(dr[i_peak]), "final_ridgeness": final,
-            "final_d_ridge": float(dr[-1]), "final_d_dmmse": float(dd[-1]), "final_state": state,
-            "emerged": emerged, "transient": bool(emerged and fell >= thresholds.faded)}
+            "min_loss": float(loss_s[i_loss]), "final_loss": float(loss[-1]), "peak_gain": float(peak_gain),
+            "final_gain": (float(dmmse_loss) - loss_end) / gap, "rise": float(rise),
+            "peak_ridgeness": float(r[i_peak]), "peak_step": int(steps[i_peak]), "peak_d_ridge": float(dr[i_peak]),
+            "final_ridgeness": final, "final_d_ridge": float(dr[-1]), "final_d_dmmse": float(dd[-1]),
+            "final_state": state, "emerged": emerged,
+            "transient": bool(emerged and rise >= thresholds.faded and moved)}
 
 
 def fit_power_law(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:

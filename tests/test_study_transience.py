@@ -11,7 +11,8 @@ from iclgd_synth.studies.registry import get_study
 
 TINY = ["train.task.dim=2", "train.task.n_context=3", "train.model.dim=2", "train.model.n_context=3",
         "train.model.d_model=8", "train.model.n_layers=1", "train.model.n_heads=1", "train.model.mlp_ratio=1",
-        "train.n_steps=20", "train.batch_size=16", "train.checkpoint_every=10", "eval_every=10", "eval_tasks=32",
+        "train.n_steps=20", "train.warmup_steps=4", "train.batch_size=16", "train.checkpoint_every=10", "eval_every=10",
+        "eval_tasks=32",
         "pool_sizes=(1,4)", "weight_decays=(0,0.5)"]
 
 

@@ -151,8 +151,18 @@ def test_warmup_longer_than_the_run_is_rejected_with_the_range(warmup):
 
 
 def test_warmup_steps_without_the_warmup_schedule_is_rejected():
-    with pytest.raises(ValueError, match="warmup_steps.*only applies to schedule='warmup_cosine'"):
+    with pytest.raises(ValueError, match="warmup_steps.*only applies to schedule='warmup_cosine' or 'warmup_constant'"):
         TINY.replace(schedule="cosine", warmup_steps=10)
+    with pytest.raises(ValueError, match=r"warmup_steps must be in \[0, n_steps - 1\] = \[0, 109\]"):
+        TINY.replace(n_steps=110, schedule="warmup_constant", warmup_steps=110)
+
+
+def test_a_constant_rate_after_the_warm_up_does_not_depend_on_n_steps():
+    # Like "constant" (and unlike the cosine schedules), runs of different lengths share their compiled steps.
+    a = TINY.replace(n_steps=100, schedule="warmup_constant", warmup_steps=10)
+    assert a.compute_key() == a.replace(n_steps=300).compute_key()
+    assert TINY.replace(n_steps=100, schedule="warmup_cosine", warmup_steps=10).compute_key() != \
+        TINY.replace(n_steps=300, schedule="warmup_cosine", warmup_steps=10).compute_key()
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -161,7 +171,7 @@ def test_optimizer_steps_follow_the_learning_rate_schedule(schedule):
     # size of each update is the learning rate the optimiser applied at that step.
     n, lr = 20, 0.01
     cfg = TINY.replace(n_steps=n, lr=lr, clip_norm=None, schedule=schedule,
-                       warmup_steps=5 if schedule == "warmup_cosine" else 0)
+                       warmup_steps=5 if schedule.startswith("warmup_") else 0)
     opt = make_optimizer(cfg)
     params = {"w": jnp.ones(3)}
     state = opt.init(params)
@@ -172,7 +182,8 @@ def test_optimizer_steps_follow_the_learning_rate_schedule(schedule):
     expected = {"constant": [lr] * n,
                 "cosine": [lr * 0.5 * (1 + np.cos(np.pi * t / n)) for t in range(n)],
                 "warmup_cosine": [lr * t / 5 for t in range(5)]
-                + [lr * 0.5 * (1 + np.cos(np.pi * (t - 5) / (n - 5))) for t in range(5, n)]}[schedule]
+                + [lr * 0.5 * (1 + np.cos(np.pi * (t - 5) / (n - 5))) for t in range(5, n)],
+                "warmup_constant": [lr * t / 5 for t in range(5)] + [lr] * (n - 5)}[schedule]
     np.testing.assert_allclose(applied, expected, rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose([float(learning_rate_schedule(cfg)(t)) for t in range(n)], expected, rtol=1e-5,
                                atol=1e-9)

@@ -99,33 +99,58 @@ def test_ridgeness_is_1_at_ridge_0_at_dmmse_and_half_between():
     np.testing.assert_allclose(ridgeness([0.0, 1.0, 2.0], [1.0, 0.0, 2.0]), [1.0, 0.0, 0.5])
 
 
+#: The two Bayes predictors' fresh-task losses of the hand-made curves: ridge 0.4, dMMSE 1.4 (gap G = 1).
+REF = dict(ridge_loss=0.4, dmmse_loss=1.4)
+
+
 def _curves(d_ridge, d_dmmse, loss=None):
     steps = np.arange(len(d_ridge)) * 100
-    loss = np.asarray(d_ridge) + 1.0 if loss is None else loss
+    loss = np.asarray(d_ridge) + 0.4 if loss is None else np.asarray(loss, float)
     return steps, loss, np.asarray(d_ridge, float), np.asarray(d_dmmse, float)
 
 
 def test_a_curve_that_approaches_ridge_then_drifts_to_dmmse_is_transient():
+    # The papers' pattern: the loss falls to a minimum at step 200 (gain (1.4 - 0.45) / 1 = 0.95), then rises by 0.3
+    # G while the distance to ridge rises and the distance to dMMSE falls.
     steps, loss, dr, dd = _curves([0.6, 0.2, 0.05, 0.1, 0.3, 0.4], [0.5, 0.4, 0.35, 0.2, 0.08, 0.05])
-    s = summarize_curve(steps, loss, dr, dd, zero_ridge=0.6, thresholds=CurveThresholds(smooth=1))
+    s = summarize_curve(steps, loss, dr, dd, **REF, thresholds=CurveThresholds(smooth=1))
     assert s["emerged"] and s["transient"] and s["final_state"] == "dMMSE"
     assert s["t_star"] == 200 and s["interior_minimum"] and s["peak_step"] == 200
+    assert s["peak_gain"] == pytest.approx(0.95) and s["rise"] == pytest.approx(0.35)
+    assert s["final_gain"] == pytest.approx(0.6)
     assert s["peak_ridgeness"] == pytest.approx(0.35 / 0.40) and s["final_ridgeness"] == pytest.approx(0.05 / 0.45)
-    # Smoothed over 3 evaluations (the default): the peak is the mean of r at steps 100-300, the end the mean of the
-    # last three.
+    # Smoothed over 3 evaluations (the default): the peak r is the mean of r at steps 100-300, the end the mean of
+    # the last three; the loss minimum is the centred 3-point mean at step 200.
     r = ridgeness(dr, dd)
-    s = summarize_curve(steps, loss, dr, dd, zero_ridge=0.6)
+    s = summarize_curve(steps, loss, dr, dd, **REF)
     assert s["peak_ridgeness"] == pytest.approx(r[1:4].mean()) and s["final_ridgeness"] == pytest.approx(r[-3:].mean())
-    assert s["transient"] and s["peak_step"] == 200
+    assert s["transient"] and s["peak_step"] == 200 and s["t_star"] == 200
+    assert s["min_loss"] == pytest.approx(0.4 + (0.2 + 0.05 + 0.1) / 3)
+    assert s["rise"] == pytest.approx((0.1 + 0.3 + 0.4) / 3 - (0.2 + 0.05 + 0.1) / 3)
+
+
+def test_a_rise_without_the_move_to_dmmse_or_too_small_a_rise_is_not_transient():
+    # The loss rises after its minimum, but the model moves away from both predictors (farther from dMMSE too).
+    steps, loss, dr, dd = _curves([0.6, 0.2, 0.05, 0.1, 0.3, 0.4], [0.5, 0.4, 0.35, 0.4, 0.5, 0.6])
+    s = summarize_curve(steps, loss, dr, dd, **REF, thresholds=CurveThresholds(smooth=1))
+    assert s["emerged"] and s["rise"] > 0.3 and not s["transient"]
+    # The move to dMMSE, but the loss rises by 0.05 G only (the threshold is 0.1 G).
+    steps, loss, dr, dd = _curves([0.6, 0.2, 0.05, 0.07, 0.09, 0.1], [0.5, 0.4, 0.35, 0.3, 0.28, 0.25])
+    s = summarize_curve(steps, loss, dr, dd, **REF, thresholds=CurveThresholds(smooth=1))
+    assert s["rise"] == pytest.approx(0.05) and not s["transient"]
+    assert summarize_curve(steps, loss, dr, dd, **REF, thresholds=CurveThresholds(smooth=1, faded=0.04))["transient"]
 
 
 def test_one_noisy_evaluation_is_not_a_transient_once_smoothed():
-    dr = np.full(9, 0.1)
-    dd = np.full(9, 0.12)
-    dd[4] = 0.2  # one evaluation farther from dMMSE: r jumps from 0.545 to 0.667 and back
-    steps, loss, dr, dd = _curves(dr, dd)
-    assert summarize_curve(steps, loss, dr, dd, zero_ridge=0.6, thresholds=CurveThresholds(smooth=1))["transient"]
-    assert not summarize_curve(steps, loss, dr, dd, zero_ridge=0.6)["transient"]
+    # Flat at gain 0.5 with one low evaluation (step 400): unsmoothed it is a minimum followed by a rise of 0.2 G
+    # with the distances moving the right way; smoothed, the rise is 0.2 / 3 G < 0.1 G.
+    loss = np.full(9, 0.9)
+    loss[4] = 0.7
+    dr, dd = np.full(9, 0.1), np.full(9, 0.12)
+    dr[4], dd[4] = 0.05, 0.2
+    steps, loss, dr, dd = _curves(dr, dd, loss)
+    assert summarize_curve(steps, loss, dr, dd, **REF, thresholds=CurveThresholds(smooth=1))["transient"]
+    assert not summarize_curve(steps, loss, dr, dd, **REF)["transient"]
 
 
 def test_t_star_is_read_on_the_smoothed_fresh_loss():
@@ -133,32 +158,33 @@ def test_t_star_is_read_on_the_smoothed_fresh_loss():
     # centre of the lowest 3-point mean (steps 300-500).
     loss = np.asarray([1.0, 0.6, 0.5, 0.51, 0.5, 0.45, 0.53, 0.58, 0.62, 0.65])
     steps, loss, dr, dd = _curves(np.full(10, 0.1), np.full(10, 0.2), loss)
-    assert summarize_curve(steps, loss, dr, dd, zero_ridge=0.6, thresholds=CurveThresholds(smooth=1))["t_star"] == 500
-    s = summarize_curve(steps, loss, dr, dd, zero_ridge=0.6)
+    assert summarize_curve(steps, loss, dr, dd, **REF, thresholds=CurveThresholds(smooth=1))["t_star"] == 500
+    s = summarize_curve(steps, loss, dr, dd, **REF)
     assert s["t_star"] == 400 and s["interior_minimum"]
     assert s["min_loss"] == pytest.approx((0.51 + 0.5 + 0.45) / 3) and s["final_loss"] == 0.65
     # Still falling at the end: the minimum is the last evaluation (not interior).
     steps, loss, dr, dd = _curves(np.full(5, 0.1), np.full(5, 0.2), np.asarray([1.0, 0.8, 0.7, 0.65, 0.62]))
-    s = summarize_curve(steps, loss, dr, dd, zero_ridge=0.6)
+    s = summarize_curve(steps, loss, dr, dd, **REF)
     assert s["t_star"] == 400 and not s["interior_minimum"]
 
 
 def test_ridge_throughout_is_not_transient_and_memorising_never_emerges():
     steps, loss, dr, dd = _curves([0.6, 0.3, 0.1, 0.05, 0.04], [0.5, 0.45, 0.4, 0.4, 0.4])
-    s = summarize_curve(steps, loss, dr, dd, zero_ridge=0.6)
+    s = summarize_curve(steps, loss, dr, dd, **REF)
     assert s["emerged"] and not s["transient"] and s["final_state"] == "ridge" and not s["interior_minimum"]
-    steps, loss, dr, dd = _curves([0.6, 0.7, 0.8, 0.9], [0.5, 0.2, 0.1, 0.05])
-    s = summarize_curve(steps, loss, dr, dd, zero_ridge=0.6)
-    assert not s["emerged"] and not s["transient"] and s["final_state"] == "dMMSE" and s["t_star"] == 0
-    # Near ridge only relative to dMMSE while as far from ridge as the zero predictor: not ICL.
-    steps, loss, dr, dd = _curves([0.6, 0.6], [3.0, 3.0])
-    assert not summarize_curve(steps, loss, dr, dd, zero_ridge=0.6)["emerged"]
+    # Memorising: the fresh-task loss stays near dMMSE's (gain 0.1 at best, below the 0.25 threshold).
+    steps, loss, dr, dd = _curves([0.6, 0.7, 0.8, 0.9], [0.5, 0.2, 0.1, 0.05], [1.5, 1.3, 1.35, 1.4])
+    s = summarize_curve(steps, loss, dr, dd, **REF)
+    assert not s["emerged"] and not s["transient"] and s["final_state"] == "dMMSE"
+    assert s["peak_gain"] == pytest.approx(1.4 - (1.3 + 1.35 + 1.4) / 3)
 
 
-def test_a_diverged_curve_is_read_as_diverged():
+def test_a_diverged_curve_is_read_as_diverged_and_the_reference_gap_is_checked():
     steps, loss, dr, dd = _curves([0.6, np.nan], [0.5, 0.4])
-    s = summarize_curve(steps, loss, dr, dd, zero_ridge=0.6)
+    s = summarize_curve(steps, loss, dr, dd, **REF)
     assert s["final_state"] == "diverged" and not s["transient"]
+    with pytest.raises(ValueError, match="dmmse_loss must exceed ridge_loss"):
+        summarize_curve(steps, loss, dr, dd, ridge_loss=0.5, dmmse_loss=0.5)
 
 
 def test_power_law_fit_recovers_an_exact_law_and_refuses_a_single_m():
@@ -172,8 +198,9 @@ def test_power_law_fit_recovers_an_exact_law_and_refuses_a_single_m():
         fit_power_law([8.0, 8.0], [1.0, 2.0])
 
 
-@pytest.mark.parametrize("field,value,match", [("emerged", 0.2, "emerged must be"), ("faded", 0.0, "faded must be"),
-                                               ("zero_ratio", 2.0, "zero_ratio must be"), ("smooth", 2, "odd")])
+@pytest.mark.parametrize("field,value,match", [("emerged", 0.0, "emerged must be"), ("emerged", 1.5, "emerged must be"),
+                                               ("faded", 0.0, "faded must be"), ("side", 0.6, "side must be"),
+                                               ("smooth", 2, "odd")])
 def test_bad_thresholds_name_the_parameter(field, value, match):
     with pytest.raises(ValueError, match=match):
         CurveThresholds(**{field: value})

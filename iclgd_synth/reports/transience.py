@@ -43,12 +43,14 @@ def render(config, metrics: dict[str, Any], out: Path) -> str:
              f"{config.eval_tasks} fixed fresh tasks and {config.eval_tasks} fixed tasks from its pool: its half-MSE "
              "and its prediction distance (mean squared difference / d, averaged over n) to ridge at the Bayes lambda "
              "sigma^2 / tau^2 and to dMMSE over its pool. Ridge-ness r = d_dMMSE / (d_ridge + d_dMMSE) on fresh "
-             f"tasks (1 = ridge, 0 = dMMSE), smoothed over {th.smooth} evaluations. Definitions of this study (not the "
-             f"papers'): ICL *emerged* when r peaked at >= {th.emerged:.3g} with d_ridge <= {th.zero_ratio:g} x the "
-             f"zero predictor's; *transient* when it emerged and r then fell by >= {th.faded:g} by the end; the final "
-             f"state is ridge / dMMSE / between at r >= {0.5 + th.side:g} / <= {0.5 - th.side:g} / else; t* is the "
-             "evaluation step of the lowest fresh-task "
-             "loss (smoothed like r). Intervals are 95% Student-t over seeds.", ""]
+             f"tasks (1 = ridge, 0 = dMMSE); ICL gain (L_dMMSE - L) / (L_dMMSE - L_ridge) on fresh tasks (0 at "
+             "dMMSE's loss, the best any predictor that picks among the pool's tasks does; 1 at ridge's). Curves are "
+             f"smoothed over {th.smooth} evaluations. Definitions of this study (not the papers'): t* is the step of "
+             f"the lowest fresh-task loss; ICL *emerged* when the gain at t* is >= {th.emerged:g}; *transient* when it "
+             f"emerged and, from t* to the end, the loss rose by >= {th.faded:g} x (L_dMMSE - L_ridge) while the "
+             "distance to dMMSE fell and the distance to ridge rose (the pattern of the papers); the final state is "
+             f"ridge / dMMSE / between at final r >= {0.5 + th.side:g} / <= {0.5 - th.side:g} / else. Intervals are "
+             "95% Student-t over seeds.", ""]
     lines += ["## The two Bayes predictors on the evaluation tasks", "",
               "Half-MSE averaged over n; D(ridge, dMMSE) is their distance, the scale of the model's distances.", ""]
     rows = []
@@ -63,11 +65,12 @@ def render(config, metrics: dict[str, Any], out: Path) -> str:
     for c in metrics["cells"]:
         states = ", ".join(f"{k} {v}" for k, v in c["final_states"].items())
         rows.append([c["pool_size"], fmt(c["weight_decay"]), f"{c['emerged']}/{c['n_seeds']}",
-                     f"{c['transient']}/{c['n_seeds']}", _ci(c["t_star"]), _ci(c["peak_ridgeness"]),
-                     _ci(c["final_ridgeness"]), states, _ci(c["min_loss"]), _ci(c["final_loss"]),
-                     _ci(c["final_loss_pool"])])
-    lines += [table(["M", "weight decay", "ICL emerged", "transient", "t* (step)", "peak r", "final r",
-                     "final state", "min fresh loss", "final fresh loss", "final pool loss"], rows)]
+                     f"{c['transient']}/{c['n_seeds']}", _ci(c["t_star"]), _ci(c["peak_gain"]), _ci(c["final_gain"]),
+                     _ci(c["peak_ridgeness"]), _ci(c["final_ridgeness"]), states, _ci(c["min_loss"]),
+                     _ci(c["final_loss"]), _ci(c["final_loss_pool"])])
+    lines += [table(["M", "weight decay", "ICL emerged", "transient", "t* (step)", "ICL gain at t*", "final gain",
+                     "peak r", "final r", "final state", "min fresh loss", "final fresh loss", "final pool loss"],
+                    rows)]
     lines += _answers(metrics)
     figures = _figures(out, metrics, config)
     lines += ["## Figures", ""]
@@ -103,13 +106,13 @@ def _answers(metrics: dict[str, Any]) -> list[str]:
     comp = metrics["weight_decay_comparison"]
     if comp:
         lines += ["", "Weight decay against the first value, paired over seeds (difference with 95% interval, "
-                      "p-value): final ridge-ness (positive: more ICL kept), final fresh-task loss, final pool loss "
-                      "(positive: the cost on the pool).", ""]
+                      "p-value): final ridge-ness and final ICL gain (positive: more ICL kept), final fresh-task "
+                      "loss, final pool loss (positive: the cost on the pool).", ""]
         rows = [[r["pool_size"], fmt(r["weight_decay"]), f"{r['transient']} vs {r['reference_transient']}",
                  f"{r['ridge_side']} vs {r['reference_ridge_side']}", _paired(r["final_ridgeness"]),
-                 _paired(r["final_loss"]), _paired(r["final_loss_pool"])] for r in comp]
+                 _paired(r["final_gain"]), _paired(r["final_loss"]), _paired(r["final_loss_pool"])] for r in comp]
         lines += [table(["M", "weight decay", "transient (vs ref.)", "ridge side at the end (vs ref.)",
-                         "delta final r", "delta fresh loss", "delta pool loss"], rows)]
+                         "delta final r", "delta final gain", "delta fresh loss", "delta pool loss"], rows)]
     return lines + [""]
 
 
@@ -118,10 +121,20 @@ def _figures(out: Path, metrics: dict[str, Any], config) -> dict[str, tuple[str,
     runs = metrics["runs"]
     for w in metrics["weight_decays"]:
         fig_name = f"distances_wd{w:g}"
-        file = _distance_panels(out / f"{fig_name}.png", [r for r in runs if r["weight_decay"] == w],
-                                metrics["pool_sizes"], metrics["reference"], f"weight decay {w:g}")
+        mine = [r for r in runs if r["weight_decay"] == w]
+        file = _panels(out / f"{fig_name}.png", mine, metrics["pool_sizes"], metrics["reference"],
+                       f"weight decay {w:g}: to ridge (solid), to dMMSE (dashed)", "ridge_fresh", "dmmse_fresh",
+                       (("ridge_dmmse_fresh", "grey"),), "distance (fresh tasks)")
         figs[fig_name] = (file, f"Weight decay {w:g}: per pool size M, the distance to ridge (solid) and to dMMSE "
                                 "(dashed) on fresh tasks over training, one line per seed; dotted: D(ridge, dMMSE).")
+        fig_name = f"losses_wd{w:g}"
+        file = _panels(out / f"{fig_name}.png", mine, metrics["pool_sizes"], metrics["reference"],
+                       f"weight decay {w:g}: fresh tasks (solid), pool tasks (dashed)", "loss_fresh", "loss_pool",
+                       (("ridge_loss_fresh", "C0"), ("dmmse_loss_fresh", "C3")), "half-MSE")
+        figs[fig_name] = (file, f"Weight decay {w:g}: per pool size M, the loss on fresh tasks (solid) and on pool "
+                                "tasks (dashed) over training, one line per seed; dotted: ridge's (blue) and dMMSE's "
+                                "(red) fresh-task losses. Transient ICL: the fresh-task loss falls below dMMSE's, "
+                                "then rises again.")
     xs = np.log2(np.asarray(metrics["pool_sizes"], np.float64))
     series = {}
     for w in metrics["weight_decays"]:
@@ -151,7 +164,9 @@ def _figures(out: Path, metrics: dict[str, Any], config) -> dict[str, tuple[str,
     return figs
 
 
-def _distance_panels(path: Path, runs: list[dict[str, Any]], pool_sizes, reference, title: str) -> str:
+def _panels(path: Path, runs: list[dict[str, Any]], pool_sizes, reference, title: str, solid: str, dashed: str,
+            hlines: tuple[tuple[str, str], ...], ylabel: str) -> str:
+    """One panel per pool size: ``solid`` and ``dashed`` curves per seed, reference levels as dotted lines."""
     import matplotlib.pyplot as plt
 
     n = len(pool_sizes)
@@ -161,17 +176,18 @@ def _distance_panels(path: Path, runs: list[dict[str, Any]], pool_sizes, referen
     for ax, m in zip(axes.ravel(), pool_sizes):
         for r in sorted((r for r in runs if r["pool_size"] == m), key=lambda r: r["seed"]):
             x = np.asarray(r["steps"])
-            ax.plot(x, r["curve"]["ridge_fresh"], color="C0", lw=1)
-            ax.plot(x, r["curve"]["dmmse_fresh"], color="C3", lw=1, ls="--")
-        ax.axhline(reference[str(m)]["ridge_dmmse_fresh"], color="grey", ls=":", lw=0.8)
+            ax.plot(x, r["curve"][solid], color="C0", lw=1)
+            ax.plot(x, r["curve"][dashed], color="C3", lw=1, ls="--")
+        for key, color in hlines:
+            ax.axhline(reference[str(m)][key], color=color, ls=":", lw=0.8)
         ax.set_yscale("log")
         ax.set_title(f"M = {m}", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in axes.ravel()[n:]:
         ax.axis("off")
-    axes[0, 0].set_ylabel("distance (fresh tasks)", fontsize=8)
-    fig.suptitle(f"{title}: to ridge (solid), to dMMSE (dashed)", fontsize=10)
+    axes[0, 0].set_ylabel(ylabel, fontsize=8)
+    fig.suptitle(title, fontsize=10)
     return plotting.save_figure(fig, path).name
 
 

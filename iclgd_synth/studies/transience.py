@@ -13,8 +13,8 @@ size M is the first M tasks of every larger pool) for every M x weight decay x s
 decay being per-run optimiser state; the pools differ in shape, so each M is its own program). Every ``eval_every``
 steps every model is evaluated at every context length on fixed fresh tasks and fixed pool tasks
 (:func:`iclgd_synth.transience.evaluate_rows`): its loss and its prediction distance to ridge (Bayes lambda) and to
-dMMSE over its pool. Each run's curves are read by :func:`iclgd_synth.transience.summarize_curve` (t*, peak and final
-ridge-ness, emerged / transient, final state); across runs: the map of the final state over M (the threshold), t*(M)
+dMMSE over its pool. Each run's curves are read by :func:`iclgd_synth.transience.summarize_curve` (t*, the ICL gain
+at t* and at the end, peak and final ridge-ness, emerged / transient, final state); across runs: the map of the final state over M (the threshold), t*(M)
 with a power-law fit and its interval over seeds, and the weight-decay comparison (paired over seeds).
 
 Checks that hold by construction (implementation checks, tested): the pools are nested; dMMSE is exact (a chunked
@@ -76,8 +76,8 @@ class TransienceConfig:
     train: TrainConfig = TrainConfig(
         task=TaskConfig(dim=3, n_context=16, x_dist="normal", noise=0.5, pool_size=1),
         model=GPTConfig(dim=3, n_context=16, d_model=32, n_layers=2, n_heads=2), objective="next_token",
-        batch_size=128, n_steps=6000, lr=1e-3, schedule="constant", clip_norm=1.0, seeds=(0, 1), chunk_steps=250,
-        checkpoint_every=1000)
+        batch_size=128, n_steps=8000, lr=2e-3, schedule="warmup_constant", warmup_steps=500, clip_norm=1.0,
+        seeds=(0, 1), chunk_steps=250, checkpoint_every=1000)
     pool_sizes: tuple[int, ...] = (4, 8, 16, 32)
     weight_decays: tuple[float, ...] = (0.0,)
     eval_every: int = 250
@@ -119,8 +119,10 @@ class TransienceConfig:
         return dataclasses.replace(self, **changes)
 
     def quick(self) -> "TransienceConfig":
-        t = self.train.replace(n_steps=min(self.train.n_steps, 100), batch_size=min(self.train.batch_size, 32),
-                               chunk_steps=50, checkpoint_every=50, seeds=self.train.seeds[:2])
+        n = min(self.train.n_steps, 100)
+        t = self.train.replace(n_steps=n, batch_size=min(self.train.batch_size, 32), chunk_steps=50,
+                               checkpoint_every=50, seeds=self.train.seeds[:2],
+                               warmup_steps=min(self.train.warmup_steps, n // 10))
         return dataclasses.replace(self, train=t, pool_sizes=self.pool_sizes[:2], weight_decays=self.weight_decays[:2],
                                    eval_every=min(self.eval_every, 50), eval_tasks=min(self.eval_tasks, 128))
 
@@ -235,7 +237,8 @@ def _analyse(config: TransienceConfig, results: list[dict[str, Any]], run: Run) 
         for i, r in enumerate(g["runs"]):
             avg = {k: v[:, i].mean(-1) for k, v in curves.items()}  # position-averaged, (T,)
             reading = summarize_curve(steps, avg["loss_fresh"], avg["ridge_fresh"], avg["dmmse_fresh"],
-                                      references[str(m)]["zero_ridge_fresh"], config.thresholds)
+                                      references[str(m)]["ridge_loss_fresh"], references[str(m)]["dmmse_loss_fresh"],
+                                      config.thresholds)
             per_run.append({"pool_size": m, "weight_decay": r["weight_decay"], "seed": r["seed"],
                             "index": i, **reading,
                             "final_loss_pool": float(avg["loss_pool"][-1]),
@@ -273,8 +276,8 @@ def _cells(config: TransienceConfig, per_run: list[dict[str, Any]]) -> list[dict
                     "interior_minimum": sum(r["interior_minimum"] for r in rs),
                     "final_states": {s: states.count(s) for s in dict.fromkeys(states)},
                     "majority_state": max(dict.fromkeys(states), key=states.count)}
-            for k in ("t_star", "peak_ridgeness", "final_ridgeness", "min_loss", "final_loss", "final_loss_pool",
-                      "final_d_ridge", "final_d_dmmse", "peak_d_ridge"):
+            for k in ("t_star", "peak_gain", "final_gain", "rise", "peak_ridgeness", "final_ridgeness", "min_loss",
+                      "final_loss", "final_loss_pool", "final_d_ridge", "final_d_dmmse", "peak_d_ridge"):
                 cell[k] = mean_ci([r[k] for r in rs])
             cell["t_star_transient"] = mean_ci([r["t_star"] for r in rs if r["transient"]]) if cell["transient"] \
                 else None
@@ -333,7 +336,7 @@ def _wd_comparison(config: TransienceConfig, per_run) -> list[dict[str, Any]]:
                    "transient": sum(r["transient"] for r in a), "reference_transient": sum(r["transient"] for r in b),
                    "ridge_side": sum(r["final_state"] == "ridge" for r in a),
                    "reference_ridge_side": sum(r["final_state"] == "ridge" for r in b)}
-            for k in ("final_ridgeness", "final_loss", "final_loss_pool"):
+            for k in ("final_ridgeness", "final_gain", "final_loss", "final_loss_pool"):
                 row[k] = paired_test([r[k] for r in a], [r[k] for r in b])
             out.append(row)
     return out
