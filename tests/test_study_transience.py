@@ -45,7 +45,14 @@ def test_every_run_is_evaluated_over_training_and_read(run_dir):
     arrays = protocol.load_arrays(run_dir, "curves")
     assert arrays["M4/ridge_fresh"].shape == (3, 4, 4)  # (evaluations, runs of the group, N + 1)
     report = (run_dir / "report.md").read_text()
-    assert "## Answers" in report and (run_dir / "distances_wd0.png").exists() and (run_dir / "final_state.png").exists()
+    assert "## Answers" in report and (run_dir / "final_state.png").exists()
+    for w in ("0", "0.5"):
+        assert (run_dir / f"distances_wd{w}.png").exists() and (run_dir / f"losses_wd{w}.png").exists()
+    # Each run's ICL gain is its fresh-task loss against the two Bayes predictors' (by construction).
+    for r in runs:
+        ref = m["reference"][str(r["pool_size"])]
+        gap = ref["dmmse_loss_fresh"] - ref["ridge_loss_fresh"]
+        assert r["peak_gain"] == pytest.approx((ref["dmmse_loss_fresh"] - r["min_loss"]) / gap)
 
 
 def test_report_re_renders_and_finished_groups_are_not_retrained(run_dir, monkeypatch):
