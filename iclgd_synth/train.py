@@ -422,7 +422,8 @@ def _chunk_for_key(key: TrainConfig, n: int) -> Callable:
 
 def _cached_chunk(config: TrainConfig, n: int) -> Callable:
     """The compiled chunk of ``n`` steps, shared by every :func:`train` call whose config computes the same steps
-    (:meth:`TrainConfig.compute_key`: other seeds, a different n_steps under a constant schedule, other chunking)."""
+    (:meth:`TrainConfig.compute_key`: other seeds, a different n_steps under a constant or warmup_constant schedule,
+    other chunking)."""
     return _chunk_for_key(config.compute_key(), n)
 
 

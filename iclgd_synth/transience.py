@@ -156,12 +156,12 @@ class CurveThresholds:
     at t*, after which the distance to ridge rises while the distance to dMMSE falls -- on curves smoothed by a
     centred moving average over ``smooth`` evaluations (one noisy evaluation neither makes nor hides a minimum). The
     scale is the gap between the two Bayes predictors on fresh tasks, G = L_dMMSE - L_ridge (position-averaged
-    half-MSE): the ICL gain of a model with fresh-task loss L is (L_dMMSE - L) / G (0 at dMMSE's loss, the best a
-    predictor that only picks among the pool's tasks can do; 1 at ridge's, the Bayes optimum).
+    half-MSE): the ICL gain of a model with fresh-task loss L is (L_dMMSE - L) / G (0 at the loss of dMMSE, the Bayes
+    predictor under the pool prior; 1 at ridge's, the Bayes predictor of fresh tasks).
 
     Attributes:
       emerged: ICL counts as emerged when the ICL gain at t* is at least this (the model predicts fresh tasks better
-        than any mixture of the memorised pool tasks, by this fraction of the way to ridge); in (0, 1]. Default 0.25.
+        than the pool's Bayes predictor, by this fraction of the way to ridge); in (0, 1]. Default 0.25.
       faded: a run whose ICL emerged is transient when its smoothed fresh-task loss rises by at least this times G from
         t* to the end of training while its distance to dMMSE falls and its distance to ridge rises over the same
         stretch; in (0, 1]. Default 0.1.
@@ -184,16 +184,15 @@ class CurveThresholds:
             raise ValueError(f"smooth must be an odd integer >= 1 (a centred window), got {self.smooth}")
 
 
-def smoothed(values: Any, window: int, *, end_mean: bool = True) -> np.ndarray:
+def smoothed(values: Any, window: int) -> np.ndarray:
     """Centred moving average over ``window`` (odd) points, the window shrinking symmetrically near the ends (the
-    first point is kept), except, with ``end_mean``, the last point: the mean of the last ``window`` points (the
-    state at the end of training, averaged over the final evaluations). Without it the last point is kept too (for
-    locating a minimum: a curve still falling at the end then has its minimum at the end)."""
+    first point is kept), except the last point: the mean of the last ``window`` points (the state at the end of
+    training, averaged over the final evaluations)."""
     v = np.asarray(values, np.float64)
     h = window // 2
     out = np.array([v[max(0, i - min(h, i, len(v) - 1 - i)):i + min(h, i, len(v) - 1 - i) + 1].mean()
                     for i in range(len(v))])
-    if len(v) and end_mean:
+    if len(v):
         out[-1] = v[-min(window, len(v)):].mean()
     return out
 
@@ -214,9 +213,11 @@ def summarize_curve(steps: Sequence[int], loss_fresh: Sequence[float], d_ridge: 
     the distances to ridge and to dMMSE on fresh tasks, averaged over positions; ``ridge_loss`` and ``dmmse_loss``
     the two Bayes predictors' fresh-task losses on the same tasks (their gap G is the scale; where it is not
     positive, the gains are NaN and no run counts as emerged). Returns t* (step of the
-    lowest smoothed fresh-task loss; ``min_loss`` that minimum), whether it is interior, the ICL gain at t* and at the
-    end, the rise of the loss after t* (in units of G), the ridge-ness r at its peak (value, step, distance to ridge
-    there) and at the end, the final distances and state, ``emerged`` and ``transient``."""
+    lowest smoothed fresh-task loss, the last such step on ties; ``min_loss`` that minimum), whether it is interior,
+    the ICL gain at t* and at the end, the rise of the loss after t* (in units of G), the ridge-ness r at its peak
+    (value, step, distance to ridge there) and at the end, the final loss, distances and state, ``emerged`` and
+    ``transient``. Every value is read on the smoothed curves; the final ones are means over the last ``smooth``
+    evaluations."""
     steps = np.asarray(steps, np.int64)
     loss, dr, dd = (np.asarray(v, np.float64) for v in (loss_fresh, d_ridge, d_dmmse))
     if not (steps.ndim == 1 and steps.size >= 1 and loss.shape == dr.shape == dd.shape == steps.shape):
@@ -237,24 +238,23 @@ def summarize_curve(steps: Sequence[int], loss_fresh: Sequence[float], d_ridge: 
     w = thresholds.smooth
     r = ridgeness(dr, dd)
     r = smoothed(np.where(np.isfinite(r), r, 0.5), w)
-    # The minimum on the loss smoothed without the end average, so that a loss still falling at the end has its
-    # minimum there; the end state (loss and distances) averaged over the last evaluations.
-    loss_s = smoothed(loss, w, end_mean=False)
-    i_loss = int(np.argmin(loss_s))
-    loss_end = float(smoothed(loss, w)[-1])
-    dr_s, dd_s = smoothed(dr, w), smoothed(dd, w)
+    # Every curve smoothed the same way, its last point the mean of the last `w` evaluations (the end state). The
+    # minimum is the LAST index of the smallest smoothed loss: the last two points of a 3-window are means of the
+    # same evaluations, so a loss still falling at the end has its minimum at the end (not interior, rise 0).
+    loss_s, dr_s, dd_s = smoothed(loss, w), smoothed(dr, w), smoothed(dd, w)
+    i_loss = int(loss_s.size - 1 - np.argmin(loss_s[::-1]))
     i_peak = int(np.argmax(r))
     peak_gain = (float(dmmse_loss) - float(loss_s[i_loss])) / gap
-    rise = (loss_end - float(loss_s[i_loss])) / gap
+    rise = (float(loss_s[-1]) - float(loss_s[i_loss])) / gap
     emerged = bool(np.isfinite(peak_gain) and peak_gain >= thresholds.emerged)
     moved = bool(dd_s[-1] < dd_s[i_loss] and dr_s[-1] > dr_s[i_loss])
     final = float(r[-1])
     state = "ridge" if final >= 0.5 + thresholds.side else "dMMSE" if final <= 0.5 - thresholds.side else "between"
     return {"t_star": int(steps[i_loss]), "interior_minimum": bool(i_loss < steps.size - 1),
-            "min_loss": float(loss_s[i_loss]), "final_loss": float(loss[-1]), "peak_gain": float(peak_gain),
-            "final_gain": (float(dmmse_loss) - loss_end) / gap, "rise": float(rise),
-            "peak_ridgeness": float(r[i_peak]), "peak_step": int(steps[i_peak]), "peak_d_ridge": float(dr[i_peak]),
-            "final_ridgeness": final, "final_d_ridge": float(dr[-1]), "final_d_dmmse": float(dd[-1]),
+            "min_loss": float(loss_s[i_loss]), "final_loss": float(loss_s[-1]), "peak_gain": float(peak_gain),
+            "final_gain": (float(dmmse_loss) - float(loss_s[-1])) / gap, "rise": float(rise),
+            "peak_ridgeness": float(r[i_peak]), "peak_step": int(steps[i_peak]), "peak_d_ridge": float(dr_s[i_peak]),
+            "final_ridgeness": final, "final_d_ridge": float(dr_s[-1]), "final_d_dmmse": float(dd_s[-1]),
             "final_state": state, "emerged": emerged,
             "transient": bool(emerged and rise >= thresholds.faded and moved)}
 

@@ -166,6 +166,16 @@ def test_a_constant_rate_after_the_warm_up_does_not_depend_on_n_steps():
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
+def test_the_compute_key_applies_the_same_learning_rates_as_the_config(schedule):
+    # Training compiles its step from the compute key: its schedule must be the config's at every step.
+    cfg = TINY.replace(n_steps=300, lr=0.01, schedule=schedule,
+                       warmup_steps=25 if schedule.startswith("warmup_") else 0)
+    steps = jnp.arange(cfg.n_steps)
+    np.testing.assert_array_equal(jax.vmap(learning_rate_schedule(cfg.compute_key()))(steps),
+                                  jax.vmap(learning_rate_schedule(cfg))(steps))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
 def test_optimizer_steps_follow_the_learning_rate_schedule(schedule):
     # With a constant gradient Adam's first moments equal it and its update is -lr_t * sign(g) (up to eps), so the
     # size of each update is the learning rate the optimiser applied at that step.

@@ -161,11 +161,21 @@ def test_t_star_is_read_on_the_smoothed_fresh_loss():
     assert summarize_curve(steps, loss, dr, dd, **REF, thresholds=CurveThresholds(smooth=1))["t_star"] == 500
     s = summarize_curve(steps, loss, dr, dd, **REF)
     assert s["t_star"] == 400 and s["interior_minimum"]
-    assert s["min_loss"] == pytest.approx((0.51 + 0.5 + 0.45) / 3) and s["final_loss"] == 0.65
-    # Still falling at the end: the minimum is the last evaluation (not interior).
+    assert s["min_loss"] == pytest.approx((0.51 + 0.5 + 0.45) / 3)
+    assert s["final_loss"] == pytest.approx((0.58 + 0.62 + 0.65) / 3)  # the end: mean of the last 3 evaluations
+    assert s["rise"] == pytest.approx((0.58 + 0.62 + 0.65) / 3 - (0.51 + 0.5 + 0.45) / 3)  # in units of G = 1
+    # Still falling at the end: the minimum is the last evaluation (not interior), nothing rose after it, and the
+    # final gain is the gain at t*.
     steps, loss, dr, dd = _curves(np.full(5, 0.1), np.full(5, 0.2), np.asarray([1.0, 0.8, 0.7, 0.65, 0.62]))
     s = summarize_curve(steps, loss, dr, dd, **REF)
-    assert s["t_star"] == 400 and not s["interior_minimum"]
+    assert s["t_star"] == 400 and not s["interior_minimum"] and s["rise"] == 0.0
+    assert s["final_gain"] == s["peak_gain"] == pytest.approx(1.4 - (0.7 + 0.65 + 0.62) / 3)
+    # A plateau whose last evaluation alone is low: that point is averaged with the two before it, so the gain at
+    # t* is not read off one evaluation.
+    loss = np.asarray([1.0, 0.6, 0.6, 0.6, 0.6, 0.45])
+    steps, loss, dr, dd = _curves(np.full(6, 0.1), np.full(6, 0.2), loss)
+    s = summarize_curve(steps, loss, dr, dd, **REF)
+    assert s["t_star"] == 500 and s["peak_gain"] == pytest.approx(1.4 - 0.55)
 
 
 def test_ridge_throughout_is_not_transient_and_memorising_never_emerges():

@@ -44,7 +44,7 @@ def render(config, metrics: dict[str, Any], out: Path) -> str:
              "and its prediction distance (mean squared difference / d, averaged over n) to ridge at the Bayes lambda "
              "sigma^2 / tau^2 and to dMMSE over its pool. Ridge-ness r = d_dMMSE / (d_ridge + d_dMMSE) on fresh "
              f"tasks (1 = ridge, 0 = dMMSE); ICL gain (L_dMMSE - L) / (L_dMMSE - L_ridge) on fresh tasks (0 at "
-             "dMMSE's loss, the best any predictor that picks among the pool's tasks does; 1 at ridge's). Curves are "
+             "the loss of dMMSE, the Bayes predictor under the pool prior; 1 at ridge's). Curves are "
              f"smoothed over {th.smooth} evaluations. Definitions of this study (not the papers'): t* is the step of "
              f"the lowest fresh-task loss; ICL *emerged* when the gain at t* is >= {th.emerged:g}; *transient* when it "
              f"emerged and, from t* to the end, the loss rose by >= {th.faded:g} x (L_dMMSE - L_ridge) while the "
@@ -133,8 +133,8 @@ def _figures(out: Path, metrics: dict[str, Any], config) -> dict[str, tuple[str,
                        (("ridge_loss_fresh", "C0"), ("dmmse_loss_fresh", "C3")), "half-MSE")
         figs[fig_name] = (file, f"Weight decay {w:g}: per pool size M, the loss on fresh tasks (solid) and on pool "
                                 "tasks (dashed) over training, one line per seed; dotted: ridge's (blue) and dMMSE's "
-                                "(red) fresh-task losses. Transient ICL: the fresh-task loss falls below dMMSE's, "
-                                "then rises again.")
+                                "(red) fresh-task losses. The pattern of transient ICL: the fresh-task loss falls well "
+                                "below dMMSE's, then rises again (the definitions above say how far).")
     xs = np.log2(np.asarray(metrics["pool_sizes"], np.float64))
     series = {}
     for w in metrics["weight_decays"]:
@@ -151,7 +151,8 @@ def _figures(out: Path, metrics: dict[str, Any], config) -> dict[str, tuple[str,
             out / "final_state.png", series, xlabel="log2 M", ylabel="ridge-ness r (1 ridge, 0 dMMSE)",
             title="the final state over M (band: min-max over seeds)").name,
             "Final and peak ridge-ness against log2 M per weight decay: the task-diversity threshold is where the final "
-            "r crosses to the ridge side; a gap between peak and final r is transient ICL.")
+            "r crosses to the ridge side; a gap between peak and final r is a drift towards dMMSE (transience "
+            "itself is read on the loss, see the definitions).")
     tstar = {}
     for w in metrics["weight_decays"]:
         pts = [(r["pool_size"], r["t_star"]) for r in runs if r["weight_decay"] == w and r["transient"]]

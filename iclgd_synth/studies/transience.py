@@ -14,8 +14,9 @@ decay being per-run optimiser state; the pools differ in shape, so each M is its
 steps every model is evaluated at every context length on fixed fresh tasks and fixed pool tasks
 (:func:`iclgd_synth.transience.evaluate_rows`): its loss and its prediction distance to ridge (Bayes lambda) and to
 dMMSE over its pool. Each run's curves are read by :func:`iclgd_synth.transience.summarize_curve` (t*, the ICL gain
-at t* and at the end, peak and final ridge-ness, emerged / transient, final state); across runs: the map of the final state over M (the threshold), t*(M)
-with a power-law fit and its interval over seeds, and the weight-decay comparison (paired over seeds).
+at t* and at the end, peak and final ridge-ness, emerged / transient, final state); across runs: the map of the
+final state over M (the threshold), t*(M) with a power-law fit and its interval over seeds, and the weight-decay
+comparison (paired over seeds).
 
 Checks that hold by construction (implementation checks, tested): the pools are nested; dMMSE is exact (a chunked
 log-sum-exp equal to the direct posterior) and finite at M = 2^15; a predictor's distance to itself is 0. Everything
