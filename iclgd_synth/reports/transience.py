@@ -21,7 +21,8 @@ def _paired(p: dict[str, Any]) -> str:
         return "n/a"
     ci = "" if not np.isfinite(p["lo"]) else f" [{p['lo']:.3g}, {p['hi']:.3g}]"
     pv = "" if not np.isfinite(p.get("p", float("nan"))) else f", p = {p['p']:.2g}"
-    return f"{p['mean']:+.3g}{ci}{pv}"
+    d = "" if not np.isfinite(p.get("effect_size", float("nan"))) else f", d = {p['effect_size']:+.2g}"
+    return f"{p['mean']:+.3g}{ci}{pv}{d}"
 
 
 def render(config, metrics: dict[str, Any], out: Path) -> str:
@@ -106,7 +107,7 @@ def _answers(metrics: dict[str, Any]) -> list[str]:
     comp = metrics["weight_decay_comparison"]
     if comp:
         lines += ["", "Weight decay against the first value, paired over seeds (difference with 95% interval, "
-                      "p-value): final ridge-ness and final ICL gain (positive: more ICL kept), final fresh-task "
+                      "p-value, effect size d = mean / sd of the paired differences): final ridge-ness and final ICL gain (positive: more ICL kept), final fresh-task "
                       "loss, final pool loss (positive: the cost on the pool).", ""]
         rows = [[r["pool_size"], fmt(r["weight_decay"]), f"{r['transient']} vs {r['reference_transient']}",
                  f"{r['ridge_side']} vs {r['reference_ridge_side']}", _paired(r["final_ridgeness"]),
