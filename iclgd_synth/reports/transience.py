@@ -107,8 +107,9 @@ def _answers(metrics: dict[str, Any]) -> list[str]:
     comp = metrics["weight_decay_comparison"]
     if comp:
         lines += ["", "Weight decay against the first value, paired over seeds (difference with 95% interval, "
-                      "p-value, effect size d = mean / sd of the paired differences): final ridge-ness and final ICL gain (positive: more ICL kept), final fresh-task "
-                      "loss, final pool loss (positive: the cost on the pool).", ""]
+                      "p-value, effect size d = mean / sd of the paired differences): final ridge-ness and final ICL "
+                      "gain (positive: more ICL kept), final fresh-task loss, final pool loss (positive: the cost on "
+                      "the pool).", ""]
         rows = [[r["pool_size"], fmt(r["weight_decay"]), f"{r['transient']} vs {r['reference_transient']}",
                  f"{r['ridge_side']} vs {r['reference_ridge_side']}", _paired(r["final_ridgeness"]),
                  _paired(r["final_gain"]), _paired(r["final_loss"]), _paired(r["final_loss_pool"])] for r in comp]
